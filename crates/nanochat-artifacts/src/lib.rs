@@ -1,0 +1,22 @@
+//! Content-addressed artifact store shared by every nanochat stage.
+#![warn(missing_docs)]
+
+use sha2::{Digest, Sha256};
+
+/// Hex sha256 of a byte slice; the address function of the store.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sha256_of_abc_matches_fips_vector() {
+        assert_eq!(
+            sha256_hex(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+}
