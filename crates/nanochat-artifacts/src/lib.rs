@@ -1,5 +1,17 @@
-//! Content-addressed artifact store shared by every nanochat stage.
+//! Content-addressed artifact store shared by every nanochat stage, and the stage CLI contract.
+//!
+//! - [`stage`]: what every stage binary parses (`--config --input --out --work`), config
+//!   loading with precise errors, SIGINT/SIGTERM handling, atomic writes.
+//! - The store (objects addressed by the sha256 of a canonical manifest, atomic publish,
+//!   verification, action cache, refs, gc) is specified in docs/artifacts.md.
 #![warn(missing_docs)]
+
+mod error;
+mod fsutil;
+pub mod stage;
+
+pub use error::{Error, Result};
+pub use fsutil::{fsync_dir, write_atomic};
 
 use sha2::{Digest, Sha256};
 
