@@ -1,0 +1,1 @@
+//! The report card (markdown + JSON + SVG curves).
