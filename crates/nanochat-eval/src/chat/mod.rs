@@ -243,9 +243,12 @@ pub fn load_chat_task(
         "MMLU" => parse_mmlu,
         "GSM8K" => parse_gsm8k,
         "HumanEval" => parse_humaneval,
-        other => return Err(EvalError::Invalid(format!(
-            "unknown chat task {other:?} (known: ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval)"
-        ))),
+        other => {
+            let known = "ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval";
+            return Err(EvalError::Invalid(format!(
+                "unknown chat task {other:?} (known: {known})"
+            )));
+        }
     };
     let mut items = Vec::new();
     let mut skipped = Vec::new();
