@@ -52,6 +52,14 @@ pub enum Error {
     /// The object is not in the store.
     #[error("object {0} is not in the store")]
     ObjectNotFound(String),
+    /// An object failed verification; every problem found is listed.
+    #[error("object {id} failed verification:\n  {}", problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("\n  "))]
+    Corrupt {
+        /// The object id.
+        id: String,
+        /// Each file that is missing, truncated, altered or unexpected.
+        problems: Vec<crate::store::Problem>,
+    },
     /// Content to publish is unusable (e.g. a symlink or special file).
     #[error("cannot publish {}: {reason}", path.display())]
     Unpublishable {
