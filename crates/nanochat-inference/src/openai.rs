@@ -429,12 +429,14 @@ pub fn validate_chat(
             Some("user") => Role::User,
             Some("assistant") => Role::Assistant,
             Some("system") | Some("developer") => Role::System,
-            Some(other) => return Err(ApiError::invalid(
-                &format!("messages[{i}].role"),
-                format!(
+            Some(other) => {
+                return Err(ApiError::invalid(
+                    &format!("messages[{i}].role"),
+                    format!(
                     "Message {i} has role `{other}`; allowed roles are system, user and assistant"
                 ),
-            )),
+                ))
+            }
             None => {
                 return Err(ApiError::invalid(
                     &format!("messages[{i}].role"),
