@@ -9,8 +9,10 @@
 
 mod bpe;
 pub mod chat;
+pub mod corpus;
 pub mod pretokenize;
 mod tokenizer;
+pub mod train;
 
 use std::path::{Path, PathBuf};
 
@@ -22,6 +24,7 @@ pub use tokenizer::{
     parse_tiktoken, read_tiktoken, OpenAiEncoding, Tokenizer, NANOCHAT_SPECIALS, RANKS_FILE,
     SIDECAR_FILE,
 };
+pub use train::{train_nanochat, BpeTrainer, TrainOptions, TrainStats};
 
 /// Everything that can go wrong in this crate.
 #[derive(Debug, thiserror::Error)]

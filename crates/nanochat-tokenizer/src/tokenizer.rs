@@ -155,7 +155,7 @@ impl Tokenizer {
         } as usize
             + 1;
         let mut per_id: Vec<Option<&[u8]>> = vec![None; vocab];
-        let mut map: RankMap = FxHashMap::default();
+        let mut map = RankMap::default();
         map.reserve(ranks.len());
         for (bytes, id) in &ranks {
             if bytes.is_empty() {
@@ -165,14 +165,14 @@ impl Tokenizer {
                 return Err(Error::Vocab(format!("id {id} is assigned twice")));
             }
             per_id[*id as usize] = Some(bytes);
-            if map.insert(bytes.clone().into_boxed_slice(), *id).is_some() {
+            if map.insert(bytes, *id).is_some() {
                 return Err(Error::Vocab(format!(
                     "token {:?} appears twice",
                     String::from_utf8_lossy(bytes)
                 )));
             }
         }
-        if let Some(b) = (0..=255u8).find(|b| !map.contains_key(&[*b][..])) {
+        if let Some(b) = (0..=255u8).find(|b| map.get(&[*b]).is_none()) {
             return Err(Error::Vocab(format!(
                 "the single byte 0x{b:02x} has no rank; byte-level BPE needs all 256"
             )));
@@ -311,9 +311,11 @@ impl Tokenizer {
     pub fn save(&self, dir: &Path) -> Result<(), Error> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let mut ranks_text = String::new();
-        let mut by_id: Vec<(u32, &[u8])> = self.ranks.iter().map(|(k, &v)| (v, &k[..])).collect();
-        by_id.sort_unstable();
-        for (id, bytes) in by_id {
+        for id in 0..self.vocab_size() {
+            let bytes = self.id_bytes(id);
+            if bytes.is_empty() || self.is_special(id) {
+                continue;
+            }
             ranks_text.push_str(&BASE64.encode(bytes));
             ranks_text.push(' ');
             ranks_text.push_str(&id.to_string());
@@ -384,7 +386,7 @@ impl Tokenizer {
 
     /// Whether `id` is a special token.
     pub fn is_special(&self, id: u32) -> bool {
-        self.specials.iter().any(|s| s.1 == id)
+        self.specials.binary_search_by_key(&id, |s| s.1).is_ok()
     }
 
     /// The beginning-of-sequence id (`<|bos|>`, or `<|endoftext|>` for OpenAI vocabularies).
@@ -394,7 +396,7 @@ impl Tokenizer {
 
     /// Id of a mergeable token given its bytes.
     pub fn token_id(&self, bytes: &[u8]) -> Option<u32> {
-        self.ranks.get(bytes).copied()
+        self.ranks.get(bytes)
     }
 
     /// Bytes of one id (specials give their text; unknown ids give nothing).
