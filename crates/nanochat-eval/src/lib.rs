@@ -18,6 +18,7 @@ pub mod pyrandom;
 pub mod report;
 pub mod results;
 pub mod sandbox;
+pub mod stage;
 pub mod testing;
 
 pub use error::{EvalError, Result};

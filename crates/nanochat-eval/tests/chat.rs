@@ -11,7 +11,9 @@ use nanochat_eval::sandbox::{Sandbox, SandboxConfig};
 use nanochat_eval::testing::{shared_dir, ByteTokenizer, OracleModel, ScriptedGenerator};
 
 fn testdata(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("testdata")
+        .join(name)
 }
 
 fn sandbox() -> Option<Sandbox> {
@@ -178,8 +180,10 @@ fn humaneval_task(prompt: &str, test: &str, entry: &str) -> ChatTask {
     }
 }
 
-const ADD_PROMPT: &str = "from typing import List\n\n\ndef add(xs: List[int]) -> int:\n    \"\"\"Sum.\"\"\"\n";
-const ADD_TEST: &str = "def check(candidate):\n    assert candidate([1, 2, 3]) == 6\n    assert candidate([]) == 0\n";
+const ADD_PROMPT: &str =
+    "from typing import List\n\n\ndef add(xs: List[int]) -> int:\n    \"\"\"Sum.\"\"\"\n";
+const ADD_TEST: &str =
+    "def check(candidate):\n    assert candidate([1, 2, 3]) == 6\n    assert candidate([]) == 0\n";
 
 fn run_one(sb: &Sandbox, completion: &str) -> nanochat_eval::results::ItemResult {
     let task = humaneval_task(ADD_PROMPT, ADD_TEST, "add");
@@ -204,7 +208,10 @@ fn humaneval_harness_passes_good_and_fails_broken_programs() {
     let wrong = "def add(xs):\n    return 0\n";
     let r = run_one(&sb, wrong);
     assert!(!r.correct);
-    assert!(r.error.as_deref().unwrap().contains("AssertionError"), "{r:?}");
+    assert!(
+        r.error.as_deref().unwrap().contains("AssertionError"),
+        "{r:?}"
+    );
 
     let syntax = "def add(xs) return sum(xs)";
     let r = run_one(&sb, syntax);
@@ -231,7 +238,9 @@ fn sandbox_kills_infinite_loops_and_memory_bombs() {
 
     let out = sb.execute("x = bytearray(10 ** 10)\n").unwrap();
     assert!(!out.success && out.memory_exceeded, "{out:?}");
-    let out = sb.execute("xs = []\nwhile True:\n    xs.append(' ' * 10**6)\n").unwrap();
+    let out = sb
+        .execute("xs = []\nwhile True:\n    xs.append(' ' * 10**6)\n")
+        .unwrap();
     assert!(!out.success && out.memory_exceeded, "{out:?}");
 
     // a forked sleeper in the same process group dies with it (killed by the group kill)
@@ -247,8 +256,13 @@ fn sandbox_kills_infinite_loops_and_memory_bombs() {
 
     // destructive helpers are disabled, the working directory is a fresh temp dir
     let out = sb.execute("import os\nos.system('true')\n").unwrap();
-    assert!(!out.success && out.error.as_deref().unwrap().contains("TypeError"), "{out:?}");
-    let out = sb.execute("print(open('program.py').read()[:6])\n").unwrap();
+    assert!(
+        !out.success && out.error.as_deref().unwrap().contains("TypeError"),
+        "{out:?}"
+    );
+    let out = sb
+        .execute("print(open('program.py').read()[:6])\n")
+        .unwrap();
     assert!(out.success && out.stdout.starts_with("print("), "{out:?}");
 }
 
@@ -281,7 +295,8 @@ fn shared_humaneval_canonical_solutions_pass() {
     )
     .unwrap();
     assert_eq!(task.items.len(), 164);
-    let rows = nanochat_eval::jsonl::read_jsonl(&shared.join("data/eval/humaneval.jsonl.gz")).unwrap();
+    let rows =
+        nanochat_eval::jsonl::read_jsonl(&shared.join("data/eval/humaneval.jsonl.gz")).unwrap();
     let canonical: std::collections::HashMap<String, String> = rows
         .iter()
         .map(|l| {
@@ -308,7 +323,8 @@ fn shared_humaneval_canonical_solutions_pass() {
         exec_workers: 4,
         ..Default::default()
     };
-    let good: Vec<Result<String, String>> = ids.iter().map(|id| Ok(canonical[id].clone())).collect();
+    let good: Vec<Result<String, String>> =
+        ids.iter().map(|id| Ok(canonical[id].clone())).collect();
     let results = grade_completions(&task, &good, &opts, Some(&sb)).unwrap();
     let failed: Vec<_> = results.iter().filter(|r| !r.correct).collect();
     assert!(failed.is_empty(), "{failed:#?}");
@@ -339,6 +355,12 @@ fn shared_eval_files_load_without_skips() {
     }
     let overlap = read_gsm8k_overlap(&eval.join("gsm8k_test_gsm_symbolic_overlap.json")).unwrap();
     assert_eq!(overlap.len(), 85);
-    let t = load_chat_task("GSM8K", &eval.join("gsm8k_test.jsonl.gz"), Some(&overlap), None).unwrap();
+    let t = load_chat_task(
+        "GSM8K",
+        &eval.join("gsm8k_test.jsonl.gz"),
+        Some(&overlap),
+        None,
+    )
+    .unwrap();
     assert_eq!((t.items.len(), t.excluded), (1319 - 85, 85));
 }

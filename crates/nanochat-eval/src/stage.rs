@@ -1,0 +1,575 @@
+//! The `eval` pipeline stage, independent of how the model is loaded: configuration, running
+//! every requested evaluation, and writing the artifact (`metrics.json`, `summary.md`,
+//! `results/<task>.jsonl`, `skipped.jsonl`).
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::bpb::{evaluate_bpb, pack_rows, BpbAccumulator};
+use crate::chat::{
+    chatcore, evaluate_categorical, evaluate_generative, load_chat_task, read_gsm8k_overlap,
+    task_file, ChatKind, ChatScore, GenerativeOptions, CHAT_TASKS,
+};
+use crate::core::{
+    bundle::load_bundle, custom::load_custom_task, evaluate_task, load_task, CoreOptions, TaskScore,
+};
+use crate::jsonl::{read_jsonl, write_atomic};
+use crate::model::{EvalTokenizer, Generator, LogProbModel};
+use crate::results::{write_jsonl, FailureSummary, SkippedItem};
+use crate::sandbox::{Sandbox, SandboxConfig};
+use crate::{EvalError, Result};
+
+/// Which evaluation suite to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EvalMode {
+    /// Base model: CORE (+ custom tasks) and bits per byte.
+    Base,
+    /// Chat model: ARC-Easy/Challenge, MMLU, GSM8K, HumanEval and ChatCORE.
+    Chat,
+}
+
+/// Whether to drop the GSM8K test rows that `gsm_symbolic_train` was templated from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OverlapPolicy {
+    /// Exclude them when the model's training data includes `gsm_symbolic_train`.
+    #[default]
+    Auto,
+    /// Always exclude them.
+    Always,
+    /// Never exclude them.
+    Never,
+}
+
+/// The eval stage's TOML config. Relative paths are relative to the working directory.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalConfig {
+    /// `base` or `chat`.
+    pub mode: EvalMode,
+    /// Column of the report's summary table (`base`, `mid`, `sft`); defaults to the mode.
+    #[serde(default)]
+    pub label: Option<String>,
+    /// CORE bundle directory (`core.yaml`, `eval_meta_data.csv`, task files).
+    #[serde(default)]
+    pub core_dir: Option<PathBuf>,
+    /// Directory with the chat tasks' files (`arc_easy_test.jsonl.gz`, ...).
+    #[serde(default)]
+    pub eval_dir: Option<PathBuf>,
+    /// Task names to run; empty = all of the mode's tasks.
+    #[serde(default)]
+    pub tasks: Vec<String>,
+    /// Custom CORE-style tasks (TOML files), base mode.
+    #[serde(default)]
+    pub custom_tasks: Vec<PathBuf>,
+    /// At most this many items per task; 0 = all.
+    #[serde(default)]
+    pub max_per_task: usize,
+    /// Sequences per forward pass.
+    #[serde(default = "default_batch")]
+    pub batch_size: usize,
+    /// Cap on padded tokens per forward pass (bounds logits memory).
+    #[serde(default = "default_batch_tokens")]
+    pub max_batch_tokens: usize,
+    /// Validation text (`{"text": ...}` JSONL) for bits per byte, base mode.
+    #[serde(default)]
+    pub val_data: Option<PathBuf>,
+    /// Target tokens for bits per byte; 0 = skip.
+    #[serde(default)]
+    pub bpb_tokens: usize,
+    /// Row length for bits per byte; default: the model's context.
+    #[serde(default)]
+    pub bpb_seq_len: Option<usize>,
+    /// Generation budget for GSM8K / HumanEval.
+    #[serde(default = "default_new_tokens")]
+    pub max_new_tokens: usize,
+    /// Parallel HumanEval executions.
+    #[serde(default = "default_workers")]
+    pub exec_workers: usize,
+    /// The GSM8K overlap list (`gsm8k_test_gsm_symbolic_overlap.json`); default: in `eval_dir`.
+    #[serde(default)]
+    pub gsm8k_overlap: Option<PathBuf>,
+    /// When to exclude the overlapping GSM8K rows.
+    #[serde(default)]
+    pub exclude_gsm8k_overlap: OverlapPolicy,
+    /// HumanEval sandbox limits.
+    #[serde(default)]
+    pub sandbox: SandboxConfig,
+}
+
+fn default_batch() -> usize {
+    16
+}
+fn default_batch_tokens() -> usize {
+    16_384
+}
+fn default_new_tokens() -> usize {
+    512
+}
+fn default_workers() -> usize {
+    2
+}
+
+/// What the model is and what it was trained on (from its checkpoint metadata).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ModelInfo {
+    /// Free-form description (path, step, depth...).
+    pub description: String,
+    /// Names or paths of the datasets it trained on (any stage).
+    pub trained_on: Vec<String>,
+}
+
+/// CORE results inside `metrics.json`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct CoreSection {
+    /// Per-task scores, in bundle order.
+    pub tasks: Vec<TaskScore>,
+    /// Mean centered accuracy over the evaluated bundle tasks.
+    pub core_metric: Option<f64>,
+    /// Whether every task of the bundle was evaluated on all its items.
+    pub complete: bool,
+    /// Custom task scores (not part of CORE).
+    pub custom: Vec<TaskScore>,
+}
+
+/// Chat results inside `metrics.json`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ChatSection {
+    /// Per-task scores.
+    pub tasks: Vec<ChatScore>,
+    /// ChatCORE when all five tasks ran.
+    pub chatcore: Option<f64>,
+    /// Whether GSM8K overlap rows were excluded.
+    pub gsm8k_overlap_excluded: bool,
+    /// Whether HumanEval ran without network access.
+    pub sandbox_network_isolated: Option<bool>,
+}
+
+/// The `metrics.json` of an eval artifact.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EvalMetrics {
+    /// Always `"eval"` (the report recognizes eval artifacts by it).
+    pub kind: String,
+    /// Mode run.
+    pub mode: EvalMode,
+    /// Summary-table column.
+    pub label: String,
+    /// Model description.
+    pub model: ModelInfo,
+    /// CORE (base mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub core: Option<CoreSection>,
+    /// Bits per byte on the validation text (base mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bpb: Option<BpbAccumulatorReport>,
+    /// Chat evals (chat mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat: Option<ChatSection>,
+    /// Failures by kind.
+    pub failures: FailureSummary,
+    /// `max_per_task` in effect (0 = all).
+    pub max_per_task: usize,
+    /// Caveats to print next to the scores.
+    pub notes: Vec<String>,
+    /// Wall time of the whole stage.
+    pub seconds: f64,
+}
+
+/// Bits per byte with its totals.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BpbAccumulatorReport {
+    /// Bits per byte.
+    pub bpb: f64,
+    /// Totals behind it.
+    pub totals: BpbAccumulator,
+}
+
+/// Everything the stage needs besides its config.
+pub struct EvalInputs<'a> {
+    /// Scores token sequences (all modes).
+    pub model: &'a dyn LogProbModel,
+    /// Completes chat prompts (chat mode, GSM8K / HumanEval).
+    pub generator: Option<&'a dyn Generator>,
+    /// The model's tokenizer.
+    pub tokenizer: &'a dyn EvalTokenizer,
+    /// Bytes per token id (0 = special) for bits per byte.
+    pub token_bytes: Option<&'a [u32]>,
+    /// What the model is.
+    pub model_info: ModelInfo,
+    /// Polled between tasks; `true` stops the run with [`EvalError::Invalid`]("interrupted").
+    pub interrupted: &'a dyn Fn() -> bool,
+}
+
+fn progress(len: usize, label: &str) -> indicatif::ProgressBar {
+    let pb = indicatif::ProgressBar::with_draw_target(
+        Some(len as u64),
+        indicatif::ProgressDrawTarget::stderr(),
+    );
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{msg:>28} [{bar:30}] {pos}/{len} {per_sec} eta {eta}",
+    ) {
+        pb.set_style(style.progress_chars("=> "));
+    }
+    pb.set_message(label.to_string());
+    pb
+}
+
+fn check_interrupt(inputs: &EvalInputs<'_>) -> Result<()> {
+    if (inputs.interrupted)() {
+        return Err(EvalError::Invalid("interrupted".into()));
+    }
+    Ok(())
+}
+
+/// Run the stage and write its artifact into `out_dir`.
+pub fn run_eval(cfg: &EvalConfig, inputs: &EvalInputs<'_>, out_dir: &Path) -> Result<EvalMetrics> {
+    let started = Instant::now();
+    let max = (cfg.max_per_task > 0).then_some(cfg.max_per_task);
+    let mut failures = FailureSummary::default();
+    let mut skipped_all: Vec<SkippedItem> = Vec::new();
+    let mut notes = Vec::new();
+    let results_dir = out_dir.join("results");
+    let mut metrics = EvalMetrics {
+        kind: "eval".into(),
+        mode: cfg.mode,
+        label: cfg.label.clone().unwrap_or_else(|| match cfg.mode {
+            EvalMode::Base => "base".into(),
+            EvalMode::Chat => "chat".into(),
+        }),
+        model: inputs.model_info.clone(),
+        core: None,
+        bpb: None,
+        chat: None,
+        failures: FailureSummary::default(),
+        max_per_task: cfg.max_per_task,
+        notes: Vec::new(),
+        seconds: 0.0,
+    };
+    if max.is_some() {
+        notes.push(format!(
+            "max_per_task = {}: scores are on a subset, not comparable with full runs",
+            cfg.max_per_task
+        ));
+    }
+    match cfg.mode {
+        EvalMode::Base => {
+            let core_opts = CoreOptions {
+                max_per_task: max,
+                batch_rows: cfg.batch_size,
+                max_batch_tokens: cfg.max_batch_tokens,
+            };
+            let mut section = CoreSection::default();
+            if let Some(dir) = &cfg.core_dir {
+                let specs = load_bundle(dir)?;
+                for t in &cfg.tasks {
+                    if !specs.iter().any(|s| &s.label == t) {
+                        return Err(EvalError::Invalid(format!(
+                            "task {t:?} is not in {}",
+                            dir.join("core.yaml").display()
+                        )));
+                    }
+                }
+                let run_all = cfg.tasks.is_empty();
+                let mut complete = run_all && max.is_none();
+                let mut centered = Vec::new();
+                for spec in specs
+                    .iter()
+                    .filter(|s| run_all || cfg.tasks.contains(&s.label))
+                {
+                    check_interrupt(inputs)?;
+                    let task = load_task(spec)?;
+                    let pb = progress(
+                        max.map_or(task.items.len(), |m| m.min(task.items.len())),
+                        &spec.label,
+                    );
+                    let (score, results) = evaluate_task(
+                        inputs.model,
+                        inputs.tokenizer,
+                        &task,
+                        &core_opts,
+                        Some(&pb),
+                    )?;
+                    pb.finish_and_clear();
+                    tracing::info!(
+                        task = %score.label,
+                        accuracy = score.accuracy,
+                        centered = score.centered,
+                        seconds = score.seconds,
+                        "CORE task done"
+                    );
+                    if let Some(n) = &score.note {
+                        notes.push(format!("{}: {n}", score.label));
+                    }
+                    complete &= task.skipped.is_empty();
+                    write_jsonl(&results_dir.join(format!("{}.jsonl", spec.label)), &results)?;
+                    failures.add(&results, &task.skipped);
+                    skipped_all.extend(task.skipped.iter().cloned());
+                    centered.push(score.centered);
+                    section.tasks.push(score);
+                }
+                if !centered.is_empty() {
+                    section.core_metric =
+                        Some(centered.iter().sum::<f64>() / centered.len() as f64);
+                }
+                section.complete = complete;
+                if !complete {
+                    notes.push(
+                        "CORE was computed on a subset of the bundle's tasks or items".into(),
+                    );
+                }
+            }
+            for path in &cfg.custom_tasks {
+                check_interrupt(inputs)?;
+                let spec = load_custom_task(path)?;
+                let task = load_task(&spec)?;
+                let pb = progress(task.items.len(), &spec.label);
+                let (score, results) =
+                    evaluate_task(inputs.model, inputs.tokenizer, &task, &core_opts, Some(&pb))?;
+                pb.finish_and_clear();
+                write_jsonl(&results_dir.join(format!("{}.jsonl", spec.label)), &results)?;
+                failures.add(&results, &task.skipped);
+                skipped_all.extend(task.skipped.iter().cloned());
+                section.custom.push(score);
+            }
+            metrics.core = Some(section);
+            if cfg.bpb_tokens > 0 {
+                check_interrupt(inputs)?;
+                let (Some(val), Some(tb)) = (&cfg.val_data, inputs.token_bytes) else {
+                    return Err(EvalError::Invalid(
+                        "bpb_tokens > 0 needs val_data and the tokenizer's token_bytes".into(),
+                    ));
+                };
+                let seq_len = cfg
+                    .bpb_seq_len
+                    .or(inputs.model.max_seq_len())
+                    .unwrap_or(1024);
+                let mut docs = Vec::new();
+                let mut total = 0usize;
+                for l in read_jsonl(val)? {
+                    if total >= cfg.bpb_tokens + seq_len {
+                        break;
+                    }
+                    if let Some(t) = l
+                        .value
+                        .ok()
+                        .as_ref()
+                        .and_then(|v| v.get("text"))
+                        .and_then(|t| t.as_str())
+                    {
+                        let ids = inputs.tokenizer.encode(t);
+                        total += ids.len() + 1;
+                        docs.push(ids);
+                    }
+                }
+                let rows = pack_rows(
+                    &docs,
+                    inputs.tokenizer.bos_id(),
+                    seq_len,
+                    cfg.bpb_tokens.div_ceil(seq_len).max(1),
+                );
+                let acc = evaluate_bpb(inputs.model, &rows, cfg.batch_size.clamp(1, 8), tb)?;
+                tracing::info!(bpb = acc.bpb(), tokens = acc.tokens, "bits per byte");
+                metrics.bpb = Some(BpbAccumulatorReport {
+                    bpb: acc.bpb(),
+                    totals: acc,
+                });
+            }
+        }
+        EvalMode::Chat => {
+            let eval_dir = cfg.eval_dir.as_ref().ok_or_else(|| {
+                EvalError::Invalid(
+                    "chat mode needs eval_dir (the ARC/MMLU/GSM8K/HumanEval files)".into(),
+                )
+            })?;
+            let names: Vec<String> = if cfg.tasks.is_empty() {
+                CHAT_TASKS.iter().map(|(t, _)| t.to_string()).collect()
+            } else {
+                cfg.tasks.clone()
+            };
+            let exclude = match cfg.exclude_gsm8k_overlap {
+                OverlapPolicy::Always => true,
+                OverlapPolicy::Never => false,
+                OverlapPolicy::Auto => inputs
+                    .model_info
+                    .trained_on
+                    .iter()
+                    .any(|d| d.contains("gsm_symbolic")),
+            };
+            let mut section = ChatSection {
+                gsm8k_overlap_excluded: exclude && names.iter().any(|n| n == "GSM8K"),
+                ..Default::default()
+            };
+            let gen_opts = GenerativeOptions {
+                max_new_tokens: cfg.max_new_tokens,
+                exec_workers: cfg.exec_workers,
+            };
+            let mut sandbox = None;
+            for name in &names {
+                check_interrupt(inputs)?;
+                let file = task_file(name).ok_or_else(|| {
+                    EvalError::Invalid(format!(
+                        "unknown chat task {name:?} (known: ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval)"
+                    ))
+                })?;
+                let overlap = if name == "GSM8K" && exclude {
+                    let p = cfg
+                        .gsm8k_overlap
+                        .clone()
+                        .unwrap_or_else(|| eval_dir.join("gsm8k_test_gsm_symbolic_overlap.json"));
+                    Some(read_gsm8k_overlap(&p)?)
+                } else {
+                    None
+                };
+                let task = load_chat_task(name, &eval_dir.join(file), overlap.as_ref(), max)?;
+                let pb = progress(task.items.len(), name);
+                let categorical = matches!(
+                    task.items.first().map(|i| &i.kind),
+                    Some(ChatKind::Categorical { .. })
+                );
+                let (score, results) = if categorical {
+                    evaluate_categorical(
+                        inputs.model,
+                        inputs.tokenizer,
+                        &task,
+                        cfg.batch_size,
+                        Some(&pb),
+                    )?
+                } else {
+                    let generator = inputs.generator.ok_or_else(|| {
+                        EvalError::Invalid(format!("{name} is generative: a generator is required"))
+                    })?;
+                    if name == "HumanEval" && sandbox.is_none() {
+                        let sb = Sandbox::new(cfg.sandbox.clone())?;
+                        section.sandbox_network_isolated = Some(sb.network_isolated());
+                        if !sb.network_isolated() {
+                            notes.push("HumanEval ran WITHOUT network isolation (the kernel refused a network namespace)".into());
+                        }
+                        sandbox = Some(sb);
+                    }
+                    evaluate_generative(
+                        generator,
+                        inputs.tokenizer,
+                        &task,
+                        &gen_opts,
+                        sandbox.as_ref(),
+                        Some(&pb),
+                    )?
+                };
+                pb.finish_and_clear();
+                tracing::info!(task = %name, accuracy = score.accuracy, seconds = score.seconds, "chat task done");
+                if score.excluded > 0 {
+                    notes.push(format!(
+                        "{name}: {} test items overlapping gsm_symbolic_train excluded",
+                        score.excluded
+                    ));
+                }
+                write_jsonl(&results_dir.join(format!("{name}.jsonl")), &results)?;
+                failures.add(&results, &task.skipped);
+                skipped_all.extend(task.skipped.iter().cloned());
+                section.tasks.push(score);
+            }
+            section.chatcore = chatcore(&section.tasks);
+            if section.chatcore.is_some() {
+                notes.push(
+                    "ChatCORE here averages 5 tasks; nanochat's also includes SpellingBee".into(),
+                );
+            }
+            metrics.chat = Some(section);
+        }
+    }
+    write_jsonl(&out_dir.join("skipped.jsonl"), &skipped_all)?;
+    metrics.failures = failures;
+    metrics.notes = notes;
+    metrics.seconds = started.elapsed().as_secs_f64();
+    write_atomic(
+        &out_dir.join("metrics.json"),
+        serde_json::to_string_pretty(&metrics)?.as_bytes(),
+    )?;
+    write_atomic(
+        &out_dir.join("summary.md"),
+        summary_markdown(&metrics).as_bytes(),
+    )?;
+    Ok(metrics)
+}
+
+/// Human-readable table of an eval artifact (also printed by the binary).
+pub fn summary_markdown(m: &EvalMetrics) -> String {
+    let mut s = format!(
+        "# Evaluation ({:?}, {})\n\nModel: {}\n\n",
+        m.mode, m.label, m.model.description
+    );
+    if let Some(core) = &m.core {
+        if !core.tasks.is_empty() || !core.custom.is_empty() {
+            s.push_str("| Task | Type | Shots | Items | Accuracy | Centered | Time (s) |\n|---|---|---:|---:|---:|---:|---:|\n");
+            for t in core.tasks.iter().chain(&core.custom) {
+                s.push_str(&format!(
+                    "| {}{} | {} | {} | {} | {:.4} | {:.4} | {:.1} |\n",
+                    t.label,
+                    if t.note.is_some() { " *" } else { "" },
+                    t.task_type.as_str(),
+                    t.num_fewshot,
+                    t.items,
+                    t.accuracy,
+                    t.centered,
+                    t.seconds
+                ));
+            }
+            if let Some(c) = core.core_metric {
+                s.push_str(&format!(
+                    "\nCORE: {c:.4}{}\n",
+                    if core.complete { "" } else { " (partial)" }
+                ));
+            }
+        }
+    }
+    if let Some(b) = &m.bpb {
+        s.push_str(&format!(
+            "\nBits per byte: {:.4} ({} tokens)\n",
+            b.bpb, b.totals.tokens
+        ));
+    }
+    if let Some(chat) = &m.chat {
+        s.push_str(
+            "| Task | Items | Accuracy | Centered | Time (s) |\n|---|---:|---:|---:|---:|\n",
+        );
+        for t in &chat.tasks {
+            s.push_str(&format!(
+                "| {} | {} | {:.4} | {:.4} | {:.1} |\n",
+                t.task, t.items, t.accuracy, t.centered, t.seconds
+            ));
+        }
+        if let Some(c) = chat.chatcore {
+            s.push_str(&format!("\nChatCORE: {c:.4}\n"));
+        }
+    }
+    let f = &m.failures;
+    if f.total_problems() > 0 {
+        s.push_str("\n## Failures\n\n");
+        for (t, n) in &f.skipped_by_task {
+            s.push_str(&format!(
+                "- {t}: {n} malformed lines skipped (see skipped.jsonl)\n"
+            ));
+        }
+        for (k, n) in &f.errors_by_kind {
+            s.push_str(&format!(
+                "- {n} items failed with `{k}` (see results/*.jsonl)\n"
+            ));
+        }
+    }
+    for n in &m.notes {
+        s.push_str(&format!("\nNote: {n}\n"));
+    }
+    s
+}
+
+/// Resolve a possibly relative path against `base`.
+pub fn resolve(base: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}

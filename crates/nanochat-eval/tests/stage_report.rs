@@ -1,0 +1,315 @@
+//! The eval stage end to end with scripted models, then the report card and its comparison.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use nanochat_eval::report;
+use nanochat_eval::stage::{run_eval, EvalConfig, EvalInputs, ModelInfo, OverlapPolicy};
+use nanochat_eval::testing::{ByteTokenizer, OracleModel, ScriptedGenerator};
+
+fn testdata(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("testdata")
+        .join(name)
+}
+
+fn gz_copy(src: &Path, dst: &Path) {
+    let data = std::fs::read(src).unwrap();
+    let mut enc = flate2::write::GzEncoder::new(
+        std::fs::File::create(dst).unwrap(),
+        flate2::Compression::fast(),
+    );
+    enc.write_all(&data).unwrap();
+    enc.finish().unwrap();
+}
+
+fn base_config() -> EvalConfig {
+    toml::from_str(&format!(
+        "mode = \"base\"\ncore_dir = {:?}\nbatch_size = 4\n",
+        testdata("core_sample")
+    ))
+    .unwrap()
+}
+
+#[test]
+fn config_rejects_unknown_keys() {
+    let err = toml::from_str::<EvalConfig>("mode = \"base\"\nbatchsize = 4\n").unwrap_err();
+    assert!(err.to_string().contains("batchsize"), "{err}");
+    let err = toml::from_str::<EvalConfig>("mode = \"rl\"\n").unwrap_err();
+    assert!(err.to_string().contains("rl"), "{err}");
+}
+
+fn eval_base(out: &Path) -> nanochat_eval::stage::EvalMetrics {
+    let model = OracleModel::new(|t| t.ends_with("alpha"));
+    let inputs = EvalInputs {
+        model: &model,
+        generator: None,
+        tokenizer: &ByteTokenizer,
+        token_bytes: None,
+        model_info: ModelInfo {
+            description: "oracle".into(),
+            trained_on: vec![],
+        },
+        interrupted: &|| false,
+    };
+    run_eval(&base_config(), &inputs, out).unwrap()
+}
+
+#[test]
+fn base_stage_writes_metrics_results_and_failures() {
+    let out = tempfile::tempdir().unwrap();
+    let m = eval_base(out.path());
+    let core = m.core.as_ref().unwrap();
+    assert_eq!(core.tasks.len(), 3);
+    assert_eq!(core.tasks[0].accuracy, 0.3);
+    let want = core.tasks.iter().map(|t| t.centered).sum::<f64>() / 3.0;
+    assert_eq!(core.core_metric, Some(want));
+    assert!(!core.complete, "mini_mc has skipped lines");
+    assert_eq!(m.failures.skipped_by_task["mini_mc"], 2);
+    for f in [
+        "metrics.json",
+        "summary.md",
+        "skipped.jsonl",
+        "results/mini_mc.jsonl",
+    ] {
+        assert!(out.path().join(f).is_file(), "{f}");
+    }
+    let lines = std::fs::read_to_string(out.path().join("results/mini_mc.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), 10);
+    let first: serde_json::Value = serde_json::from_str(lines.lines().next().unwrap()).unwrap();
+    for k in ["prompt", "expected", "got", "correct", "line"] {
+        assert!(first.get(k).is_some(), "{k} missing in {first}");
+    }
+    let summary = std::fs::read_to_string(out.path().join("summary.md")).unwrap();
+    assert!(
+        summary.contains("mini_mc: 2 malformed lines skipped"),
+        "{summary}"
+    );
+}
+
+fn chat_eval_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    gz_copy(
+        &testdata("chat_sample/arc.jsonl"),
+        &dir.path().join("arc_easy_test.jsonl.gz"),
+    );
+    gz_copy(
+        &testdata("chat_sample/arc.jsonl"),
+        &dir.path().join("arc_challenge_test.jsonl.gz"),
+    );
+    gz_copy(
+        &testdata("chat_sample/mmlu.jsonl"),
+        &dir.path().join("mmlu_test.jsonl.gz"),
+    );
+    gz_copy(
+        &testdata("chat_sample/gsm8k.jsonl"),
+        &dir.path().join("gsm8k_test.jsonl.gz"),
+    );
+    std::fs::write(
+        dir.path().join("humaneval.jsonl.gz.src"),
+        serde_json::json!({
+            "task_id": "HumanEval/0",
+            "prompt": "def inc(x):\n    \"\"\"Add one.\"\"\"\n",
+            "canonical_solution": "    return x + 1\n",
+            "test": "def check(candidate):\n    assert candidate(1) == 2\n",
+            "entry_point": "inc"
+        })
+        .to_string(),
+    )
+    .unwrap();
+    gz_copy(
+        &dir.path().join("humaneval.jsonl.gz.src"),
+        &dir.path().join("humaneval.jsonl.gz"),
+    );
+    std::fs::write(
+        dir.path().join("gsm8k_test_gsm_symbolic_overlap.json"),
+        r#"{"rows": [{"row": 2, "question": "Tom has 3 apples and eats one. How many are left?"}]}"#,
+    )
+    .unwrap();
+    dir
+}
+
+fn eval_chat(
+    out: &Path,
+    eval_dir: &Path,
+    label: &str,
+    trained_on: Vec<String>,
+) -> nanochat_eval::stage::EvalMetrics {
+    let cfg: EvalConfig = toml::from_str(&format!(
+        "mode = \"chat\"\nlabel = {label:?}\neval_dir = {eval_dir:?}\nbatch_size = 2\n[sandbox]\ntimeout_s = 5.0\n"
+    ))
+    .unwrap();
+    assert_eq!(cfg.exclude_gsm8k_overlap, OverlapPolicy::Auto);
+    let model = OracleModel::new(|_| false);
+    let gen = ScriptedGenerator::new(|p| {
+        if p.contains("def inc") {
+            "```python\ndef inc(x):\n    return x + 1\n```".into()
+        } else {
+            "#### 18".into()
+        }
+    });
+    let inputs = EvalInputs {
+        model: &model,
+        generator: Some(&gen),
+        tokenizer: &ByteTokenizer,
+        token_bytes: None,
+        model_info: ModelInfo {
+            description: "scripted".into(),
+            trained_on,
+        },
+        interrupted: &|| false,
+    };
+    run_eval(&cfg, &inputs, out).unwrap()
+}
+
+#[test]
+fn chat_stage_runs_all_tasks_and_computes_chatcore() {
+    if std::process::Command::new("python3")
+        .arg("-c")
+        .arg("pass")
+        .status()
+        .is_err()
+    {
+        eprintln!("NOTICE: no python3; skipping");
+        return;
+    }
+    let eval_dir = chat_eval_dir();
+    let out = tempfile::tempdir().unwrap();
+    let m = eval_chat(
+        out.path(),
+        eval_dir.path(),
+        "sft",
+        vec!["chat/gsm_symbolic_train.jsonl.gz".into()],
+    );
+    let chat = m.chat.as_ref().unwrap();
+    assert_eq!(chat.tasks.len(), 5);
+    let he = chat.tasks.iter().find(|t| t.task == "HumanEval").unwrap();
+    assert_eq!((he.items, he.correct), (1, 1));
+    let gsm = chat.tasks.iter().find(|t| t.task == "GSM8K").unwrap();
+    assert_eq!((gsm.items, gsm.excluded, gsm.correct), (2, 1, 1));
+    assert!(chat.gsm8k_overlap_excluded);
+    let want = chat.tasks.iter().map(|t| t.centered).sum::<f64>() / 5.0;
+    assert_eq!(chat.chatcore, Some(want));
+    // not trained on gsm_symbolic: nothing excluded
+    let out2 = tempfile::tempdir().unwrap();
+    let m2 = eval_chat(out2.path(), eval_dir.path(), "mid", vec![]);
+    let gsm = m2
+        .chat
+        .as_ref()
+        .unwrap()
+        .tasks
+        .iter()
+        .find(|t| t.task == "GSM8K")
+        .unwrap()
+        .clone();
+    assert_eq!((gsm.items, gsm.excluded), (3, 0));
+}
+
+#[test]
+fn report_card_from_artifacts_and_comparison() {
+    let root = tempfile::tempdir().unwrap();
+    let pretrain = root.path().join("pretrain");
+    std::fs::create_dir_all(&pretrain).unwrap();
+    std::fs::write(
+        pretrain.join("metrics.json"),
+        r#"{"steps": 200, "tokens": 1234567, "seconds": 61.5, "final": {"train_loss": 3.21, "val_bpb": 1.05}}"#,
+    )
+    .unwrap();
+    let mut log = String::new();
+    for step in 0..50 {
+        let loss = 10.0 / (1.0 + step as f64);
+        log.push_str(&format!(
+            "{{\"step\": {step}, \"train_loss\": {loss}, \"lr\": {}, \"tok_per_s\": 1000}}\n",
+            0.02 * (1.0 - step as f64 / 50.0)
+        ));
+        if step % 10 == 0 {
+            log.push_str(&format!(
+                "{{\"step\": {step}, \"val_bpb\": {}}}\n",
+                2.0 - step as f64 / 100.0
+            ));
+        }
+    }
+    std::fs::write(pretrain.join("train_log.jsonl"), log).unwrap();
+    let base_eval = root.path().join("base_eval");
+    std::fs::create_dir_all(&base_eval).unwrap();
+    eval_base(&base_eval);
+
+    let out = root.path().join("report");
+    let inputs = vec![
+        ("pretrain".to_string(), pretrain.clone()),
+        ("base_eval".to_string(), base_eval.clone()),
+    ];
+    let card = report::build_report("test card", &inputs, &out).unwrap();
+    report::write_report(&card, &out).unwrap();
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("# test card"));
+    assert!(md.contains("- tokens: 1,234,567"), "{md}");
+    assert!(md.contains("- final.val_bpb: 1.0500"), "{md}");
+    assert!(md.contains("| CORE |"), "{md}");
+    let core = card.summary["CORE"]["BASE"];
+    assert!(md.contains(&format!("{core:.4}")));
+    assert_eq!(
+        card.stages[0].curves.len(),
+        3,
+        "{:?}",
+        card.stages[0].curves
+    );
+    for c in &card.stages[0].curves {
+        let svg = std::fs::read_to_string(out.join(c)).unwrap();
+        assert!(svg.starts_with("<svg") && svg.contains("<polyline"), "{c}");
+        assert!(
+            svg.contains("<text") && svg.contains("train_loss") == c.ends_with("loss.svg"),
+            "{c}: {svg}"
+        );
+        assert!(md.contains(&format!("]({c})")));
+    }
+    let loaded = report::load_report(&out.join("report.json")).unwrap();
+    assert_eq!(loaded, card);
+
+    // B: better CORE
+    let mut b = card.clone();
+    b.summary
+        .get_mut("CORE")
+        .unwrap()
+        .insert("BASE".into(), core + 0.1);
+    let cmp = report::compare_markdown(&card, &b, "a", "b");
+    assert!(cmp.contains("+0.1000"), "{cmp}");
+    assert!(
+        cmp.contains("| pretrain | steps | 200.0000 | 200.0000 | +0.0000 |"),
+        "{cmp}"
+    );
+
+    // the binary: build and compare
+    let exe = env!("CARGO_BIN_EXE_nanochat-report");
+    let out2 = root.path().join("report2");
+    let st = std::process::Command::new(exe)
+        .args(["--input", &format!("pretrain={}", pretrain.display())])
+        .args(["--input", &format!("base_eval={}", base_eval.display())])
+        .arg("--out")
+        .arg(&out2)
+        .arg("--work")
+        .arg(root.path().join("work"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let cmp = std::process::Command::new(exe)
+        .arg("--compare")
+        .arg(&out)
+        .arg(out2.join("report.json"))
+        .output()
+        .unwrap();
+    assert!(cmp.status.success());
+    let text = String::from_utf8(cmp.stdout).unwrap();
+    assert!(
+        text.contains("| CORE |") && text.contains("+0.0000"),
+        "{text}"
+    );
+    let bad = std::process::Command::new(exe)
+        .args(["--input", "x=/nonexistent"])
+        .arg("--out")
+        .arg(root.path().join("r3"))
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("not a directory"));
+}
