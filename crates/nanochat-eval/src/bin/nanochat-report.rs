@@ -39,11 +39,11 @@ struct ReportConfig {
     title: Option<String>,
 }
 
-fn report_path(p: &PathBuf) -> PathBuf {
+fn report_path(p: &std::path::Path) -> PathBuf {
     if p.is_dir() {
         p.join("report.json")
     } else {
-        p.clone()
+        p.to_path_buf()
     }
 }
 
