@@ -12,6 +12,7 @@
 pub mod backend;
 pub mod cache;
 pub mod config;
+pub mod engine_backend;
 pub mod error;
 pub mod fake;
 pub mod openai;
