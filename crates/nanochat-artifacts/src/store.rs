@@ -435,7 +435,9 @@ impl ArtifactStore {
         let parent = dest.parent().unwrap_or(&self.root).to_path_buf();
         fs::create_dir_all(&parent).io("creating directory", &parent)?;
         if dest.exists() {
-            if self.verify(&id, VerifyMode::Fast).is_ok() {
+            // Same manifest, so the same bytes if intact; a full check (rare: only duplicate
+            // publishes get here) lets a rerun repair a copy whose bytes were altered.
+            if self.verify(&id, VerifyMode::Full).is_ok() {
                 tracing::debug!(object = %id, "already in store; discarding duplicate");
                 return Ok(id); // `staging` is removed on drop
             }

@@ -1,0 +1,924 @@
+//! Execution: the scheduler, stage child processes, signal forwarding, summaries, status.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{bail, Context, Result};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use nanochat_artifacts::stage::StageArgs;
+use nanochat_artifacts::{
+    write_atomic, ArtifactStore, ObjectId, RunRecord, StageRecord, VerifyMode,
+};
+
+use crate::pipeline::{Pipeline, Stage};
+use crate::plan::{decide, Binaries, Decision};
+
+/// Options of a pipeline run.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub jobs: usize,
+    pub force: Vec<String>,
+    pub only: Vec<String>,
+    pub from: Option<String>,
+    pub dry_run: bool,
+    pub keep_going: bool,
+    pub verify: VerifyMode,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum State {
+    Pending,
+    Running,
+    Done(ObjectId),
+    Failed,
+    Excluded,
+}
+
+/// What a stage worker reports back.
+struct WorkerResult {
+    status: &'static str,
+    object: Option<ObjectId>,
+    log: Option<ObjectId>,
+    exit_code: Option<i32>,
+    duration: Duration,
+    detail: Option<String>,
+}
+
+/// Shared between the scheduler, workers and the signal thread.
+struct Shared {
+    children: Mutex<HashMap<usize, u32>>,
+    interrupted: AtomicBool,
+    signals: AtomicUsize,
+}
+
+fn check_stage_names(pipeline: &Pipeline, names: &[String], flag: &str) -> Result<()> {
+    for n in names {
+        if pipeline.stage(n).is_none() {
+            let all: Vec<&str> = pipeline.stages.iter().map(|s| s.name.as_str()).collect();
+            bail!(
+                "{flag} {n}: no such stage in {} (stages: {})",
+                pipeline.file.display(),
+                all.join(", ")
+            );
+        }
+    }
+    Ok(())
+}
+
+/// (selected, forced) stage names for the options.
+fn selection(
+    pipeline: &Pipeline,
+    opts: &RunOptions,
+) -> Result<(BTreeSet<String>, BTreeSet<String>)> {
+    check_stage_names(pipeline, &opts.force, "--force")?;
+    check_stage_names(pipeline, &opts.only, "--only")?;
+    if let Some(f) = &opts.from {
+        check_stage_names(pipeline, std::slice::from_ref(f), "--from")?;
+    }
+    let mut forced: BTreeSet<String> = opts.force.iter().cloned().collect();
+    let selected: BTreeSet<String> = if !opts.only.is_empty() {
+        forced.extend(opts.only.iter().cloned());
+        opts.only.iter().cloned().collect()
+    } else if let Some(from) = &opts.from {
+        forced.insert(from.clone());
+        pipeline.descendants(from).into_iter().collect()
+    } else {
+        pipeline.stages.iter().map(|s| s.name.clone()).collect()
+    };
+    Ok((selected, forced))
+}
+
+/// One row of a dry run or status report.
+struct PlanRow {
+    stage: String,
+    action: String,
+    output: String,
+    why: String,
+}
+
+/// Simulates a run without executing anything.
+fn simulate(
+    store: &ArtifactStore,
+    pipeline: &Pipeline,
+    binaries: &Binaries,
+    selected: &BTreeSet<String>,
+    forced: &BTreeSet<String>,
+    mode: VerifyMode,
+) -> Vec<PlanRow> {
+    let mut known: HashMap<String, ObjectId> = HashMap::new();
+    let mut rows = Vec::new();
+    for stage in &pipeline.stages {
+        let pending: Vec<&String> = stage
+            .inputs
+            .values()
+            .filter(|src| !known.contains_key(*src))
+            .collect();
+        let sel = selected.contains(&stage.name);
+        if !pending.is_empty() {
+            let names: Vec<&str> = pending.iter().map(|s| s.as_str()).collect();
+            rows.push(PlanRow {
+                stage: stage.name.clone(),
+                action: if sel { "run" } else { "blocked" }.into(),
+                output: "-".into(),
+                why: format!("input from {} will be rebuilt first", names.join(", ")),
+            });
+            continue;
+        }
+        let inputs: BTreeMap<String, ObjectId> = stage
+            .inputs
+            .iter()
+            .map(|(name, src)| (name.clone(), known[src].clone()))
+            .collect();
+        match decide(
+            store,
+            pipeline,
+            stage,
+            binaries,
+            &inputs,
+            forced.contains(&stage.name),
+            mode,
+        ) {
+            Ok(Decision::Cached { entry, .. }) => {
+                rows.push(PlanRow {
+                    stage: stage.name.clone(),
+                    action: "cached".into(),
+                    output: entry.object.short().to_string(),
+                    why: String::new(),
+                });
+                known.insert(stage.name.clone(), entry.object);
+            }
+            Ok(Decision::Run { reasons, .. }) => rows.push(PlanRow {
+                stage: stage.name.clone(),
+                action: if sel { "run" } else { "stale" }.into(),
+                output: "-".into(),
+                why: reasons.join("; "),
+            }),
+            Err(e) => rows.push(PlanRow {
+                stage: stage.name.clone(),
+                action: "error".into(),
+                output: "-".into(),
+                why: format!("{e:#}"),
+            }),
+        }
+    }
+    rows
+}
+
+fn print_table(header: [&str; 4], rows: &[[String; 4]]) {
+    let mut w = [0usize; 3];
+    for r in rows.iter().map(|r| &r[..3]).chain(std::iter::once(
+        &[
+            header[0].to_string(),
+            header[1].to_string(),
+            header[2].to_string(),
+        ][..],
+    )) {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.chars().count());
+        }
+    }
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "{:<w0$}  {:<w1$}  {:<w2$}  {}",
+        header[0],
+        header[1],
+        header[2],
+        header[3],
+        w0 = w[0],
+        w1 = w[1],
+        w2 = w[2]
+    );
+    for r in rows {
+        let _ = writeln!(
+            out,
+            "{:<w0$}  {:<w1$}  {:<w2$}  {}",
+            r[0],
+            r[1],
+            r[2],
+            r[3],
+            w0 = w[0],
+            w1 = w[1],
+            w2 = w[2]
+        );
+    }
+}
+
+/// `nanochat-run status PIPELINE`.
+pub fn status(store: &ArtifactStore, pipeline: &Pipeline, mode: VerifyMode) -> Result<ExitCode> {
+    let binaries = Binaries::default();
+    let all: BTreeSet<String> = pipeline.stages.iter().map(|s| s.name.clone()).collect();
+    let rows = simulate(store, pipeline, &binaries, &all, &BTreeSet::new(), mode);
+    println!("pipeline {} ({})", pipeline.name, pipeline.file.display());
+    let table: Vec<[String; 4]> = rows
+        .into_iter()
+        .map(|r| {
+            let state = match r.action.as_str() {
+                "run" => "stale".to_string(),
+                other => other.to_string(),
+            };
+            [r.stage, state, r.output, r.why]
+        })
+        .collect();
+    print_table(["STAGE", "STATE", "OUTPUT", "WHY"], &table);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates on success.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return "unknown".into();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+fn git_rev() -> Option<String> {
+    let out = Command::new("git")
+        .args(["rev-parse", "HEAD"])
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// Runs (or dry-runs) a pipeline.
+pub fn run(
+    store: &ArtifactStore,
+    pipeline: &Pipeline,
+    opts: &RunOptions,
+    progress: MultiProgress,
+) -> Result<ExitCode> {
+    let (selected, forced) = selection(pipeline, opts)?;
+    let binaries = Binaries::default();
+
+    // Every selected stage and its ancestors need their binary (to compute keys); fail fast.
+    let mut needed: BTreeSet<String> = selected.clone();
+    for stage in pipeline.stages.iter().rev() {
+        if needed.contains(&stage.name) {
+            needed.extend(stage.inputs.values().cloned());
+        }
+    }
+    let excluded: Vec<bool> = pipeline
+        .stages
+        .iter()
+        .map(|s| !needed.contains(&s.name))
+        .collect();
+    if !opts.dry_run {
+        let missing: Vec<String> = pipeline
+            .stages
+            .iter()
+            .filter(|s| needed.contains(&s.name))
+            .filter_map(|s| {
+                binaries
+                    .get(&s.run)
+                    .err()
+                    .map(|e| format!("stage {}: {e:#}", s.name))
+            })
+            .collect();
+        if !missing.is_empty() {
+            bail!("{}", missing.join("\n"));
+        }
+    }
+
+    if opts.dry_run {
+        let rows = simulate(store, pipeline, &binaries, &selected, &forced, opts.verify);
+        println!(
+            "dry run of pipeline {} ({}): nothing is executed",
+            pipeline.name,
+            pipeline.file.display()
+        );
+        let table: Vec<[String; 4]> = rows
+            .into_iter()
+            .filter(|r| needed.contains(&r.stage))
+            .map(|r| {
+                let action = match r.action.as_str() {
+                    "run" => "would run".to_string(),
+                    "stale" | "blocked" => "would fail (not selected, not cached)".to_string(),
+                    other => other.to_string(),
+                };
+                [r.stage, action, r.output, r.why]
+            })
+            .collect();
+        print_table(["STAGE", "ACTION", "OUTPUT", "WHY"], &table);
+        return Ok(ExitCode::SUCCESS);
+    }
+
+    let started_at = SystemTime::now();
+    let t0 = Instant::now();
+    let shared = Arc::new(Shared {
+        children: Mutex::new(HashMap::new()),
+        interrupted: AtomicBool::new(false),
+        signals: AtomicUsize::new(0),
+    });
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])
+    .context("installing signal handlers")?;
+    let sig_handle = signals.handle();
+    let sig_thread = {
+        let shared = Arc::clone(&shared);
+        let progress = progress.clone();
+        std::thread::spawn(move || {
+            for sig in signals.forever() {
+                shared.interrupted.store(true, Ordering::SeqCst);
+                let n = shared.signals.fetch_add(1, Ordering::SeqCst) + 1;
+                let forward = if n == 1 { sig } else { libc::SIGKILL };
+                progress.suspend(|| {
+                    eprintln!(
+                        "{}",
+                        if n == 1 {
+                            "interrupted: asking running stages to save and stop (again to kill them)"
+                        } else {
+                            "interrupted again: killing running stages"
+                        }
+                    )
+                });
+                if let Ok(children) = shared.children.lock() {
+                    for &pid in children.values() {
+                        // SAFETY: plain syscall; the pid is a child we spawned and have not reaped.
+                        unsafe { libc::kill(pid as libc::pid_t, forward) };
+                    }
+                }
+            }
+        })
+    };
+
+    let n = pipeline.stages.len();
+    let overall = progress.add(ProgressBar::new(
+        excluded.iter().filter(|e| !**e).count() as u64
+    ));
+    overall.set_style(
+        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} stages  {elapsed}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    overall.set_prefix(pipeline.name.clone());
+
+    // Stages outside the selection and its ancestors are not part of this run.
+    let mut state: Vec<State> = excluded
+        .iter()
+        .map(|&e| if e { State::Excluded } else { State::Pending })
+        .collect();
+    let mut records: Vec<Option<StageRecord>> = vec![None; n];
+    let mut stop = false;
+    let mut failed_any = false;
+    let (tx, rx) = mpsc::channel::<(usize, Result<WorkerResult>)>();
+
+    std::thread::scope(|scope| -> Result<()> {
+        let mut running = 0usize;
+        loop {
+            if shared.interrupted.load(Ordering::SeqCst) {
+                stop = true;
+            }
+            let mut progressed = true;
+            while progressed {
+                progressed = false;
+                for i in 0..n {
+                    if state[i] != State::Pending {
+                        continue;
+                    }
+                    let stage = &pipeline.stages[i];
+                    let idx_of = |name: &str| pipeline.stages.iter().position(|s| s.name == name);
+                    let failed_inputs: Vec<&str> = stage
+                        .inputs
+                        .values()
+                        .filter(|src| idx_of(src).is_some_and(|j| state[j] == State::Failed))
+                        .map(String::as_str)
+                        .collect();
+                    if !failed_inputs.is_empty() {
+                        state[i] = State::Failed;
+                        records[i] = Some(record(
+                            stage,
+                            "skipped",
+                            vec![format!(
+                                "input from {} did not complete",
+                                failed_inputs.join(", ")
+                            )],
+                        ));
+                        overall.inc(1);
+                        progressed = true;
+                        continue;
+                    }
+                    let mut inputs = BTreeMap::new();
+                    for (name, src) in &stage.inputs {
+                        if let Some(State::Done(id)) = idx_of(src).map(|j| &state[j]) {
+                            inputs.insert(name.clone(), id.clone());
+                        }
+                    }
+                    if inputs.len() != stage.inputs.len() || stop {
+                        continue;
+                    }
+                    let is_forced = forced.contains(&stage.name);
+                    let decision = match decide(
+                        store,
+                        pipeline,
+                        stage,
+                        &binaries,
+                        &inputs,
+                        is_forced,
+                        opts.verify,
+                    ) {
+                        Ok(d) => d,
+                        Err(e) => {
+                            tracing::error!(stage = %stage.name, "{e:#}");
+                            state[i] = State::Failed;
+                            records[i] = Some(record(stage, "failed", vec![format!("{e:#}")]));
+                            failed_any = true;
+                            stop |= !opts.keep_going;
+                            overall.inc(1);
+                            progressed = true;
+                            continue;
+                        }
+                    };
+                    match decision {
+                        Decision::Cached { key, entry } => {
+                            tracing::info!(stage = %stage.name, object = %entry.object.short(), "cached");
+                            let mut r = record(stage, "cached", vec![]);
+                            r.key = Some(key);
+                            r.object = Some(entry.object.clone());
+                            r.log = entry.log.clone();
+                            records[i] = Some(r);
+                            // Keep the human refs pointing at what this pipeline now uses.
+                            set_refs(store, pipeline, stage, &entry.object)?;
+                            state[i] = State::Done(entry.object);
+                            overall.inc(1);
+                            progressed = true;
+                        }
+                        Decision::Run { key, reasons, .. } if !selected.contains(&stage.name) => {
+                            let why = format!(
+                                "not up to date ({}) and not selected; run it first (e.g. without --only/--from)",
+                                reasons.join("; ")
+                            );
+                            tracing::error!(stage = %stage.name, "{why}");
+                            let mut r = record(stage, "stale", vec![why]);
+                            r.key = Some(key);
+                            records[i] = Some(r);
+                            state[i] = State::Failed;
+                            failed_any = true;
+                            stop |= !opts.keep_going;
+                            overall.inc(1);
+                            progressed = true;
+                        }
+                        Decision::Run {
+                            key,
+                            fingerprint,
+                            config,
+                            reasons,
+                        } => {
+                            if running >= opts.jobs {
+                                continue;
+                            }
+                            tracing::info!(stage = %stage.name, key = %key.short(), why = %reasons.join("; "), "running");
+                            let mut r = record(stage, "running", reasons);
+                            r.key = Some(key.clone());
+                            records[i] = Some(r);
+                            state[i] = State::Running;
+                            running += 1;
+                            progressed = true;
+                            let job = Job {
+                                stage: stage.clone(),
+                                key,
+                                fingerprint: fingerprint.to_value(),
+                                config,
+                                inputs,
+                                forced: is_forced,
+                            };
+                            let tx = tx.clone();
+                            let shared = Arc::clone(&shared);
+                            let progress = progress.clone();
+                            let binaries = &binaries;
+                            scope.spawn(move || {
+                                let res = run_stage(
+                                    store,
+                                    pipeline,
+                                    binaries,
+                                    &job,
+                                    i,
+                                    &shared,
+                                    &progress,
+                                    opts.verify,
+                                );
+                                let _ = tx.send((i, res));
+                            });
+                        }
+                    }
+                }
+            }
+            if running == 0 {
+                break;
+            }
+            let Ok((i, res)) = rx.recv() else { break };
+            running -= 1;
+            overall.inc(1);
+            let stage = &pipeline.stages[i];
+            let r = records[i].get_or_insert_with(|| record(stage, "failed", vec![]));
+            match res {
+                Ok(w) => {
+                    r.status = w.status.to_string();
+                    r.exit_code = w.exit_code;
+                    r.duration_s = w.duration.as_secs_f64();
+                    r.log = w.log;
+                    if let Some(d) = w.detail {
+                        r.reasons.push(d);
+                    }
+                    match w.object {
+                        Some(obj) if w.status == "ran" || w.status == "cached" => {
+                            r.object = Some(obj.clone());
+                            state[i] = State::Done(obj);
+                        }
+                        _ => {
+                            state[i] = State::Failed;
+                            failed_any = true;
+                            stop |= !opts.keep_going;
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(stage = %stage.name, "{e:#}");
+                    r.status = "failed".into();
+                    r.reasons.push(format!("{e:#}"));
+                    state[i] = State::Failed;
+                    failed_any = true;
+                    stop |= !opts.keep_going;
+                }
+            }
+        }
+        Ok(())
+    })?;
+    overall.finish_and_clear();
+    sig_handle.close();
+    let _ = sig_thread.join();
+
+    let interrupted = shared.interrupted.load(Ordering::SeqCst);
+    for (i, s) in state.iter().enumerate() {
+        if *s == State::Pending {
+            let stage = &pipeline.stages[i];
+            let why = if interrupted {
+                "interrupted before it started"
+            } else {
+                "not started (an earlier stage failed; --keep-going runs independent stages)"
+            };
+            records[i] = Some(record(stage, "not-run", vec![why.into()]));
+        }
+    }
+    let stage_records: Vec<StageRecord> = records.into_iter().flatten().collect();
+    let run_record = RunRecord {
+        pipeline: pipeline.name.clone(),
+        started: nanochat_artifacts::rfc3339_utc(started_at),
+        duration_s: t0.elapsed().as_secs_f64(),
+        host: hostname(),
+        git_rev: git_rev(),
+        argv: std::env::args().collect(),
+        stages: stage_records.clone(),
+    };
+    let record_path = store.write_run_record(&run_record)?;
+
+    let table: Vec<[String; 4]> = stage_records
+        .iter()
+        .map(|r| {
+            [
+                r.stage.clone(),
+                r.status.clone(),
+                if r.status == "cached" || r.duration_s == 0.0 {
+                    "-".into()
+                } else {
+                    format!("{:.1}s", r.duration_s)
+                },
+                format!(
+                    "{}{}",
+                    r.object
+                        .as_ref()
+                        .map_or("-".to_string(), |o| o.short().to_string()),
+                    if r.reasons.is_empty() {
+                        String::new()
+                    } else {
+                        format!("  {}", r.reasons.join("; "))
+                    }
+                ),
+            ]
+        })
+        .collect();
+    let count = |s: &str| stage_records.iter().filter(|r| r.status == s).count();
+    println!(
+        "pipeline {}: {} ran, {} cached, {} failed in {:.1}s (record: {})",
+        pipeline.name,
+        count("ran"),
+        count("cached"),
+        stage_records.len() - count("ran") - count("cached"),
+        t0.elapsed().as_secs_f64(),
+        record_path.display()
+    );
+    print_table(["STAGE", "STATUS", "TIME", "OUTPUT / WHY"], &table);
+    Ok(if interrupted {
+        ExitCode::from(130)
+    } else if failed_any {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn record(stage: &Stage, status: &str, reasons: Vec<String>) -> StageRecord {
+    StageRecord {
+        stage: stage.name.clone(),
+        key: None,
+        status: status.into(),
+        exit_code: None,
+        duration_s: 0.0,
+        object: None,
+        log: None,
+        reasons,
+    }
+}
+
+fn set_refs(
+    store: &ArtifactStore,
+    pipeline: &Pipeline,
+    stage: &Stage,
+    object: &ObjectId,
+) -> Result<()> {
+    store.set_ref(&format!("runs/{}/{}", pipeline.name, stage.name), object)?;
+    store.set_ref(&format!("latest/{}", stage.name), object)?;
+    Ok(())
+}
+
+struct Job {
+    stage: Stage,
+    key: nanochat_artifacts::StageKey,
+    fingerprint: serde_json::Value,
+    config: toml::Table,
+    inputs: BTreeMap<String, ObjectId>,
+    forced: bool,
+}
+
+/// Copies a child's output stream into the shared log and shows its latest line.
+fn pump(mut src: impl Read, log: Arc<Mutex<File>>, bar: ProgressBar) {
+    let mut buf = [0u8; 8192];
+    let mut pending = String::new();
+    loop {
+        let n = match src.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if let Ok(mut f) = log.lock() {
+            let _ = f.write_all(&buf[..n]);
+        }
+        pending.push_str(&String::from_utf8_lossy(&buf[..n]));
+        if let Some(last) = pending.split(['\n', '\r']).rfind(|l| !l.trim().is_empty()) {
+            bar.set_message(last.trim().to_string());
+        }
+        if let Some(cut) = pending.rfind(['\n', '\r']) {
+            pending.drain(..=cut);
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_stage(
+    store: &ArtifactStore,
+    pipeline: &Pipeline,
+    binaries: &Binaries,
+    job: &Job,
+    idx: usize,
+    shared: &Shared,
+    progress: &MultiProgress,
+    mode: VerifyMode,
+) -> Result<WorkerResult> {
+    let stage = &job.stage;
+    let (bin, _) = binaries.get(&stage.run)?;
+    // Only one process runs a given stage key at a time; a second `nanochat-run` waits here
+    // and then finds the result in the cache.
+    let lock = store.lock_work(&job.key)?;
+    if !job.forced {
+        if let Some(entry) = store.cache_get(&job.key)? {
+            if store.verify(&entry.object, mode).is_ok() {
+                set_refs(store, pipeline, stage, &entry.object)?;
+                return Ok(WorkerResult {
+                    status: "cached",
+                    object: Some(entry.object),
+                    log: entry.log,
+                    exit_code: None,
+                    duration: Duration::ZERO,
+                    detail: Some("produced meanwhile by another run".into()),
+                });
+            }
+        }
+    } else if lock.dir().exists() {
+        std::fs::remove_dir_all(lock.dir())
+            .with_context(|| format!("clearing work dir {}", lock.dir().display()))?;
+        std::fs::create_dir_all(lock.dir())?;
+    }
+    let resumed = std::fs::read_dir(lock.dir()).is_ok_and(|mut d| d.next().is_some());
+    let config_path = store.root().join("work").join(format!("{}.toml", job.key));
+    // A config file is handed over verbatim, so a stage's "file:line:column" error points at
+    // the same line the user sees in their file; inline tables are serialized.
+    let config_text = match &stage.config {
+        crate::pipeline::ConfigSource::File(p) => {
+            std::fs::read_to_string(p).with_context(|| format!("reading config {}", p.display()))?
+        }
+        _ => toml::to_string(&job.config).context("serializing the resolved config")?,
+    };
+    write_atomic(&config_path, config_text.as_bytes())?;
+
+    let out = store.staging()?;
+    let log_staging = store.staging()?;
+    let log_path = log_staging.dir().join(format!("{}.log", stage.name));
+    let log = Arc::new(Mutex::new(
+        File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?,
+    ));
+    let args = StageArgs {
+        config: config_path.clone(),
+        inputs: job
+            .inputs
+            .iter()
+            .map(|(name, id)| (name.clone(), store.object_data(id)))
+            .collect(),
+        out: out.dir().to_path_buf(),
+        work: lock.dir().to_path_buf(),
+    };
+    let mut cmd = Command::new(&bin);
+    cmd.args(args.to_argv())
+        .envs(&stage.env)
+        .env("NANOCHAT_STAGE", &stage.name)
+        .env("NANOCHAT_STAGE_KEY", job.key.as_str())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(t) = stage.resources.threads {
+        if !stage.env.contains_key("RAYON_NUM_THREADS") {
+            cmd.env("RAYON_NUM_THREADS", t.to_string());
+        }
+    }
+    {
+        use std::os::unix::process::CommandExt;
+        // Own process group: a terminal Ctrl-C reaches only nanochat-run, which forwards it
+        // exactly once (and escalates on a second Ctrl-C).
+        cmd.process_group(0);
+        #[cfg(target_os = "linux")]
+        // SAFETY: prctl is async-signal-safe; it makes the kernel send SIGTERM to the stage if
+        // nanochat-run dies, so an orphan never keeps writing into the work dir.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+    }
+    if let Ok(mut f) = log.lock() {
+        let _ = writeln!(
+            f,
+            "# nanochat-run: pipeline {} stage {} key {}{}\n# config: {}\n# {} {}",
+            pipeline.name,
+            stage.name,
+            job.key,
+            if resumed {
+                " (resuming from work dir)"
+            } else {
+                ""
+            },
+            match &stage.config {
+                crate::pipeline::ConfigSource::File(p) =>
+                    format!("{} (copied verbatim)", p.display()),
+                crate::pipeline::ConfigSource::Inline(_) =>
+                    format!("inline table in {}", pipeline.file.display()),
+                crate::pipeline::ConfigSource::Empty => "none (empty table)".to_string(),
+            },
+            bin.display(),
+            args.to_argv()
+                .iter()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+    }
+    let bar = progress.add(ProgressBar::new_spinner());
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {prefix:.bold} {elapsed} {wide_msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
+    bar.set_prefix(stage.name.clone());
+    bar.enable_steady_tick(Duration::from_millis(200));
+
+    let t0 = Instant::now();
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    if let Ok(mut c) = shared.children.lock() {
+        c.insert(idx, child.id());
+    }
+    // A signal may have arrived between the scheduler's check and the spawn.
+    if shared.interrupted.load(Ordering::SeqCst) {
+        // SAFETY: plain syscall on our own unreaped child.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    }
+    let pumps: Vec<_> = [
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+    ]
+    .into_iter()
+    .flatten()
+    .map(|s| {
+        let log = Arc::clone(&log);
+        let bar = bar.clone();
+        std::thread::spawn(move || pump(s, log, bar))
+    })
+    .collect();
+    let status = child.wait();
+    if let Ok(mut c) = shared.children.lock() {
+        c.remove(&idx);
+    }
+    for p in pumps {
+        let _ = p.join();
+    }
+    let status = status.context("waiting for the stage process")?;
+    let duration = t0.elapsed();
+    bar.finish_and_clear();
+    progress.remove(&bar);
+
+    let exit_code = status.code().or_else(|| {
+        use std::os::unix::process::ExitStatusExt;
+        status.signal().map(|s| 128 + s)
+    });
+    if let Ok(mut f) = log.lock() {
+        let _ = writeln!(
+            f,
+            "# nanochat-run: exit {status} after {:.1}s",
+            duration.as_secs_f64()
+        );
+        let _ = f.sync_all();
+    }
+    let log_id = store.publish(log_staging)?;
+    store.set_ref(&format!("logs/{}/{}", pipeline.name, stage.name), &log_id)?;
+
+    if !status.success() {
+        let interrupted = shared.interrupted.load(Ordering::SeqCst);
+        let tail = log_tail(
+            &store
+                .object_data(&log_id)
+                .join(format!("{}.log", stage.name)),
+            15,
+        );
+        let msg = format!(
+            "stage {} {} ({status}); work dir kept for resume: {}\n--- last lines of its log ({}) ---\n{tail}",
+            stage.name,
+            if interrupted { "interrupted" } else { "failed" },
+            lock.dir().display(),
+            store.object_data(&log_id).join(format!("{}.log", stage.name)).display(),
+        );
+        progress.suspend(|| eprintln!("{msg}"));
+        return Ok(WorkerResult {
+            status: if interrupted { "interrupted" } else { "failed" },
+            object: None,
+            log: Some(log_id),
+            exit_code,
+            duration,
+            detail: Some(status.to_string()),
+        });
+    }
+    let object = store
+        .publish(out)
+        .with_context(|| format!("publishing the output of stage {}", stage.name))?;
+    store.cache_put(&ArtifactStore::new_cache_entry(
+        job.key.clone(),
+        &stage.name,
+        object.clone(),
+        Some(log_id.clone()),
+        job.fingerprint.clone(),
+    ))?;
+    set_refs(store, pipeline, stage, &object)?;
+    store.set_last_key(&pipeline.name, &stage.name, &job.key)?;
+    store.remove_work(lock)?;
+    let _ = std::fs::remove_file(&config_path);
+    tracing::info!(stage = %stage.name, object = %object.short(), seconds = duration.as_secs_f64(), "published");
+    Ok(WorkerResult {
+        status: "ran",
+        object: Some(object),
+        log: Some(log_id),
+        exit_code,
+        duration,
+        detail: resumed.then(|| "resumed from work dir".to_string()),
+    })
+}
+
+fn log_tail(path: &PathBuf, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
