@@ -54,8 +54,11 @@ pub fn gemm_tn_acc(
 }
 
 /// `dst[c][r] = src[r][c]` for a `rows × cols` source, cache-blocked and parallel.
+///
+/// Each 16×16 tile is read as 16 contiguous row segments into a local buffer and written back as
+/// 16 contiguous column segments, so both sides stream whole cache lines.
 pub fn transpose(rows: usize, cols: usize, src: &[f32], dst: &mut [f32]) {
-    const TB: usize = 32;
+    const TB: usize = 16;
     assert_eq!(src.len(), rows * cols);
     assert_eq!(dst.len(), rows * cols);
     if rows == 0 || cols == 0 {
@@ -68,12 +71,22 @@ pub fn transpose(rows: usize, cols: usize, src: &[f32], dst: &mut [f32]) {
         .for_each(|(blk, d)| {
             let c0 = blk * TB;
             let cn = d.len() / rows;
+            let mut tile = [[0f32; TB]; TB];
             for r0 in (0..rows).step_by(TB) {
-                let r1 = (r0 + TB).min(rows);
+                let rn = (rows - r0).min(TB);
+                for (r, trow) in tile.iter_mut().enumerate().take(rn) {
+                    let s = &src[(r0 + r) * cols + c0..(r0 + r) * cols + c0 + cn];
+                    if cn == TB {
+                        // Fixed length: an inlined vector copy instead of a memmove call.
+                        trow.copy_from_slice(&s[..TB]);
+                    } else {
+                        trow[..cn].copy_from_slice(s);
+                    }
+                }
                 for c in 0..cn {
-                    let drow = &mut d[c * rows..(c + 1) * rows];
-                    for r in r0..r1 {
-                        drow[r] = src[r * cols + c0 + c];
+                    let drow = &mut d[c * rows + r0..c * rows + r0 + rn];
+                    for (r, o) in drow.iter_mut().enumerate() {
+                        *o = tile[r][c];
                     }
                 }
             }
@@ -147,6 +160,37 @@ pub(crate) fn dot_generic(a: &[f32], b: &[f32]) -> f32 {
     s + (t[0] + t[4]) + (t[1] + t[5]) + (t[2] + t[6]) + (t[3] + t[7])
 }
 
+/// Sum with 16 independent lanes (a sequential f32 sum would block vectorization).
+#[inline(always)]
+pub(crate) fn sum_lanes(x: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let ch = x.chunks_exact(16);
+    let rest: f32 = ch.remainder().iter().sum();
+    for c in ch {
+        for i in 0..16 {
+            acc[i] += c[i];
+        }
+    }
+    acc.iter().sum::<f32>() + rest
+}
+
+/// Maximum with 16 independent lanes.
+#[inline(always)]
+pub(crate) fn max_lanes(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 16];
+    let ch = x.chunks_exact(16);
+    let rest = ch
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    for c in ch {
+        for i in 0..16 {
+            acc[i] = if c[i] > acc[i] { c[i] } else { acc[i] };
+        }
+    }
+    acc.iter().fold(rest, |a, &b| a.max(b))
+}
+
 /// `y += alpha·x`.
 #[inline(always)]
 pub(crate) fn axpy_generic(alpha: f32, x: &[f32], y: &mut [f32]) {
@@ -200,7 +244,11 @@ pub(crate) fn fast_exp(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 0.5;
     let y = p * r * r + r + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) << 23) as u32);
+    // n is in [-126, 127] after the clamp, so the unchecked conversion (which vectorizes,
+    // unlike the saturating `as`) is exact.
+    // SAFETY: n is finite and within i32 range.
+    let ni: i32 = unsafe { n.to_int_unchecked() };
+    let scale = f32::from_bits(((ni + 127) << 23) as u32);
     y * scale
 }
 

@@ -621,7 +621,7 @@ fn trunk_forward(model: &Gpt, a: &mut Activations, idx: &[u32]) -> Result<()> {
         model.rope.apply(&mut la.k, hk, &a.pos, false);
         rmsnorm_inplace(&mut la.q, &mut la.rstd_q, d);
         rmsnorm_inplace(&mut la.k, &mut la.rstd_k, d);
-        attention_fwd(shape, &la.q, &la.k, &la.v, &mut la.yatt, &mut la.lse);
+        attention_fwd(shape, &la.q, &la.k, &la.v, &mut la.yatt, &mut la.lse)?;
         linear(model, layer_param(l, PROJ), n, &la.yatt, &mut a.x, true)?;
         rmsnorm_fwd(&a.x, &mut la.xn2, &mut la.rstd2, c);
         linear(model, layer_param(l, FC), n, &la.xn2, &mut la.hpre, false)?;
@@ -762,7 +762,7 @@ fn trunk_backward(model: &mut Gpt, a: &mut Activations, idx: &[u32]) -> Result<(
         gemm_tn_acc(c, c, n, &a.dx, &la.yatt, &mut grads[ipr], &mut a.tscratch)?;
         attention_bwd(
             shape, &la.q, &la.k, &la.v, &la.yatt, &la.lse, &a.dya, &mut a.dq, &mut a.dk, &mut a.dv,
-        );
+        )?;
         rmsnorm_bwd_inplace(&mut a.dq, &la.q, &la.rstd_q, d);
         rmsnorm_bwd_inplace(&mut a.dk, &la.k, &la.rstd_k, d);
         model.rope.apply(&mut a.dq, h, &a.pos, true);

@@ -5,7 +5,11 @@
 
 use rayon::prelude::*;
 
-use crate::kernels::{axpy_generic, dot, dot_generic, fast_exp, has_avx2};
+use crate::error::Result;
+use crate::kernels::{
+    axpy_generic, dot, dot_generic, fast_exp, gemm_acc, gemm_set, has_avx2, max_lanes, sum_lanes,
+    transpose,
+};
 
 /// `F.rms_norm`'s default epsilon for float32 inputs.
 pub(crate) const RMS_EPS: f32 = f32::EPSILON;
@@ -157,16 +161,14 @@ fn attend_one(
 ) -> f32 {
     let d = q.len();
     let scores = &mut scores[..n_keys];
-    let mut m = f32::NEG_INFINITY;
     for (j, s) in scores.iter_mut().enumerate() {
         *s = dot_generic(q, &k[j * stride..j * stride + d]) * scale;
-        m = m.max(*s);
     }
-    let mut sum = 0.0f32;
+    let m = max_lanes(scores);
     for s in scores.iter_mut() {
         *s = fast_exp(*s - m);
-        sum += *s;
     }
+    let sum = sum_lanes(scores);
     out.fill(0.0);
     let inv = 1.0 / sum;
     for (j, &p) in scores.iter().enumerate() {
@@ -177,7 +179,11 @@ fn attend_one(
 
 /// Causal self-attention over a full batch. `q`, `y`: `[B, T, H, D]`; `k`, `v`: `[B, T, Hk, D]`;
 /// `lse`: `[B, H, T]` (saved for the backward pass instead of the T×T probabilities).
-/// Parallel over (batch, kv-head) groups.
+///
+/// Fused per (batch, kv-head group), parallel over groups: each head's scores `Q·Kᵀ` and output
+/// `P·V` are GEMMs on gathered contiguous copies (the masked upper triangle is computed and
+/// discarded: still far faster than per-query dot products), with a max-subtracted softmax in
+/// between. Probabilities live only in per-task T×T scratch.
 pub(crate) fn attention_fwd(
     s: AttnShape,
     q: &[f32],
@@ -185,39 +191,78 @@ pub(crate) fn attention_fwd(
     v: &[f32],
     y: &mut [f32],
     lse: &mut [f32],
-) {
+) -> Result<()> {
     let (yp, lp) = (SharedMut(y.as_mut_ptr()), SharedMut(lse.as_mut_ptr()));
-    let avx = has_avx2();
-    (0..s.b * s.hk).into_par_iter().for_each(|task| {
-        #[cfg(target_arch = "x86_64")]
-        if avx {
-            // SAFETY: AVX2+FMA present; the task writes only its own heads (see below).
-            unsafe { attn_fwd_task_avx2(s, task, q, k, v, yp, lp) };
-            return;
-        }
-        let _ = avx;
-        // SAFETY: as above.
-        unsafe { attn_fwd_task(s, task, q, k, v, yp, lp) };
-    });
+    (0..s.b * s.hk).into_par_iter().try_for_each(|task| {
+        // SAFETY: task (b, g) writes y[b, :, h, :] and lse[b, h, :] only for the query heads h
+        // of kv group g; distinct tasks touch disjoint elements.
+        unsafe { attn_fwd_task(s, task, q, k, v, yp, lp) }
+    })
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn attn_fwd_task_avx2(
-    s: AttnShape,
-    task: usize,
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    y: SharedMut,
-    lse: SharedMut,
+/// Copies head `head` of rows `b*T..(b+1)*T` of a `[B, T, heads, D]` tensor into `[T, D]`.
+fn gather_head(x: &[f32], s: AttnShape, heads: usize, b: usize, head: usize, out: &mut [f32]) {
+    let d = s.d;
+    for (t, o) in out.chunks_exact_mut(d).enumerate() {
+        let off = ((b * s.t + t) * heads + head) * d;
+        o.copy_from_slice(&x[off..off + d]);
+    }
+}
+
+/// Row-wise causal softmax of `scores` (`[T, T]`, raw `Q·Kᵀ`) in place with `scale`; returns
+/// nothing but fills `lse` when given, or uses it (backward: `p = exp(s·scale − lse)`).
+fn causal_softmax_rows(
+    scores: &mut [f32],
+    t: usize,
+    scale: f32,
+    lse_out: Option<&mut [f32]>,
+    lse_in: Option<&[f32]>,
 ) {
-    attn_fwd_task(s, task, q, k, v, y, lse)
+    let run = |scores: &mut [f32], lse_out: Option<&mut [f32]>| {
+        let mut lse_out = lse_out;
+        for (i, row) in scores.chunks_exact_mut(t).enumerate() {
+            let (live, masked) = row.split_at_mut(i + 1);
+            masked.fill(0.0);
+            match lse_in {
+                Some(l) => {
+                    let li = l[i];
+                    for x in live.iter_mut() {
+                        *x = fast_exp(*x * scale - li);
+                    }
+                }
+                None => {
+                    for x in live.iter_mut() {
+                        *x *= scale;
+                    }
+                    let m = max_lanes(live);
+                    for x in live.iter_mut() {
+                        *x = fast_exp(*x - m);
+                    }
+                    let sum = sum_lanes(live);
+                    let inv = 1.0 / sum;
+                    for x in live.iter_mut() {
+                        *x *= inv;
+                    }
+                    if let Some(lo) = lse_out.as_deref_mut() {
+                        lo[i] = m + sum.ln();
+                    }
+                }
+            }
+        }
+    };
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn go(f: impl FnOnce()) {
+            f()
+        }
+        // SAFETY: AVX2+FMA present. (The closure is inlined into the feature-enabled frame.)
+        unsafe { go(|| run(scores, lse_out)) };
+        return;
+    }
+    run(scores, lse_out)
 }
 
-/// SAFETY: task (b, g) writes `y[b, :, h, :]` and `lse[b, h, :]` only for the query heads `h`
-/// of kv group `g`; distinct tasks touch disjoint elements.
-#[inline(always)]
 unsafe fn attn_fwd_task(
     s: AttnShape,
     task: usize,
@@ -226,26 +271,37 @@ unsafe fn attn_fwd_task(
     v: &[f32],
     y: SharedMut,
     lse: SharedMut,
-) {
+) -> Result<()> {
     let (b, g) = (task / s.hk, task % s.hk);
+    let (t, d) = (s.t, s.d);
     let rep = s.h / s.hk;
-    let (hd, kd) = (s.h * s.d, s.hk * s.d);
-    let scale = 1.0 / (s.d as f32).sqrt();
-    let kb = &k[b * s.t * kd + g * s.d..];
-    let vb = &v[b * s.t * kd + g * s.d..];
-    let mut scores = vec![0f32; s.t];
+    let scale = 1.0 / (d as f32).sqrt();
+    let mut kh = vec![0f32; t * d];
+    let mut kt = vec![0f32; t * d];
+    let mut vh = vec![0f32; t * d];
+    let mut qh = vec![0f32; t * d];
+    let mut yh = vec![0f32; t * d];
+    let mut sc = vec![0f32; t * t];
+    gather_head(k, s, s.hk, b, g, &mut kh);
+    transpose(t, d, &kh, &mut kt);
+    gather_head(v, s, s.hk, b, g, &mut vh);
     for h in g * rep..(g + 1) * rep {
-        let lrow = lse.slice((b * s.h + h) * s.t, s.t);
-        for (t, l) in lrow.iter_mut().enumerate() {
-            let qo = (b * s.t + t) * hd + h * s.d;
-            let out = y.slice(qo, s.d);
-            *l = attend_one(&q[qo..qo + s.d], kb, vb, kd, t + 1, scale, &mut scores, out);
+        gather_head(q, s, s.h, b, h, &mut qh);
+        gemm_set(t, t, d, &qh, &kt, &mut sc)?;
+        let lrow = lse.slice((b * s.h + h) * t, t);
+        causal_softmax_rows(&mut sc, t, scale, Some(lrow), None);
+        gemm_set(t, d, t, &sc, &vh, &mut yh)?;
+        for (tt, row) in yh.chunks_exact(d).enumerate() {
+            y.slice(((b * t + tt) * s.h + h) * d, d)
+                .copy_from_slice(row);
         }
     }
+    Ok(())
 }
 
 /// Backward of [`attention_fwd`]: writes `dq` and `dk`, `dv` (overwritten, not accumulated),
-/// recomputing the probabilities from `lse` (flash-attention style: O(T) memory per head).
+/// recomputing the probabilities from `lse` (O(T) saved state per head), with GEMMs:
+/// `dP = dY·Vᵀ`, `dS = P∘(dP − rowdot(dY, Y))`, `dQ = dS·K`, `dK = dSᵀ·Q`, `dV = Pᵀ·dY`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attention_bwd(
     s: AttnShape,
@@ -258,25 +314,18 @@ pub(crate) fn attention_bwd(
     dq: &mut [f32],
     dk: &mut [f32],
     dv: &mut [f32],
-) {
+) -> Result<()> {
     let ptrs = (
         SharedMut(dq.as_mut_ptr()),
         SharedMut(dk.as_mut_ptr()),
         SharedMut(dv.as_mut_ptr()),
     );
-    let avx = has_avx2();
     let inputs = (q, k, v, y, lse, dy);
-    (0..s.b * s.hk).into_par_iter().for_each(|task| {
-        #[cfg(target_arch = "x86_64")]
-        if avx {
-            // SAFETY: AVX2+FMA present; disjoint writes (see attn_bwd_task).
-            unsafe { attn_bwd_task_avx2(s, task, inputs, ptrs) };
-            return;
-        }
-        let _ = avx;
-        // SAFETY: disjoint writes (see attn_bwd_task).
-        unsafe { attn_bwd_task(s, task, inputs, ptrs) };
-    });
+    (0..s.b * s.hk).into_par_iter().try_for_each(|task| {
+        // SAFETY: task (b, g) writes dq[b, :, h, :] for the heads of group g and dk[b, :, g, :],
+        // dv[b, :, g, :]; disjoint across tasks.
+        unsafe { attn_bwd_task(s, task, inputs, ptrs) }
+    })
 }
 
 type BwdInputs<'a> = (
@@ -288,57 +337,58 @@ type BwdInputs<'a> = (
     &'a [f32],
 );
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn attn_bwd_task_avx2(
-    s: AttnShape,
-    task: usize,
-    inputs: BwdInputs<'_>,
-    out: (SharedMut, SharedMut, SharedMut),
-) {
-    attn_bwd_task(s, task, inputs, out)
-}
-
-/// SAFETY: task (b, g) writes `dq[b, :, h, :]` for the heads of group g and `dk[b, :, g, :]`,
-/// `dv[b, :, g, :]`; disjoint across tasks.
-#[inline(always)]
 unsafe fn attn_bwd_task(
     s: AttnShape,
     task: usize,
     (q, k, v, y, lse, dy): BwdInputs<'_>,
     (dqp, dkp, dvp): (SharedMut, SharedMut, SharedMut),
-) {
+) -> Result<()> {
     let (b, g) = (task / s.hk, task % s.hk);
+    let (t, d) = (s.t, s.d);
     let rep = s.h / s.hk;
-    let (hd, kd, d) = (s.h * s.d, s.hk * s.d, s.d);
     let scale = 1.0 / (d as f32).sqrt();
-    let kvo = |j: usize| (b * s.t + j) * kd + g * d;
-    for j in 0..s.t {
-        dkp.slice(kvo(j), d).fill(0.0);
-        dvp.slice(kvo(j), d).fill(0.0);
-    }
-    let mut p = vec![0f32; s.t];
+    let buf = |n: usize| vec![0f32; n];
+    let (mut kh, mut kt, mut vh, mut vt) = (buf(t * d), buf(t * d), buf(t * d), buf(t * d));
+    let (mut qh, mut dyh, mut yh, mut dqh) = (buf(t * d), buf(t * d), buf(t * d), buf(t * d));
+    let (mut dkg, mut dvg) = (buf(t * d), buf(t * d));
+    let (mut p, mut dp, mut tt) = (buf(t * t), buf(t * t), buf(t * t));
+    gather_head(k, s, s.hk, b, g, &mut kh);
+    transpose(t, d, &kh, &mut kt);
+    gather_head(v, s, s.hk, b, g, &mut vh);
+    transpose(t, d, &vh, &mut vt);
     for h in g * rep..(g + 1) * rep {
-        let lrow = &lse[(b * s.h + h) * s.t..(b * s.h + h + 1) * s.t];
-        for t in 0..s.t {
-            let qo = (b * s.t + t) * hd + h * d;
-            let (qv, dyv, yv) = (&q[qo..qo + d], &dy[qo..qo + d], &y[qo..qo + d]);
-            let delta = dot_generic(dyv, yv);
-            let l = lrow[t];
-            let dqv = dqp.slice(qo, d);
-            dqv.fill(0.0);
-            for (j, pj) in p[..=t].iter_mut().enumerate() {
-                *pj = fast_exp(dot_generic(qv, &k[kvo(j)..kvo(j) + d]) * scale - l);
-            }
-            for (j, &pj) in p[..=t].iter().enumerate() {
-                let dp = dot_generic(dyv, &v[kvo(j)..kvo(j) + d]);
-                let ds = pj * (dp - delta) * scale;
-                axpy_generic(ds, &k[kvo(j)..kvo(j) + d], dqv);
-                axpy_generic(ds, qv, dkp.slice(kvo(j), d));
-                axpy_generic(pj, dyv, dvp.slice(kvo(j), d));
+        gather_head(q, s, s.h, b, h, &mut qh);
+        gather_head(dy, s, s.h, b, h, &mut dyh);
+        gather_head(y, s, s.h, b, h, &mut yh);
+        let lrow = &lse[(b * s.h + h) * t..(b * s.h + h + 1) * t];
+        gemm_set(t, t, d, &qh, &kt, &mut p)?;
+        causal_softmax_rows(&mut p, t, scale, None, Some(lrow));
+        gemm_set(t, t, d, &dyh, &vt, &mut dp)?;
+        // dS (scaled) into dp; masked entries have p = 0 so they vanish.
+        for (i, (dpr, pr)) in dp.chunks_exact_mut(t).zip(p.chunks_exact(t)).enumerate() {
+            let delta = dot(&dyh[i * d..(i + 1) * d], &yh[i * d..(i + 1) * d]);
+            for (x, &pp) in dpr.iter_mut().zip(pr) {
+                *x = pp * (*x - delta) * scale;
             }
         }
+        gemm_set(t, d, t, &dp, &kh, &mut dqh)?;
+        for (ti, row) in dqh.chunks_exact(d).enumerate() {
+            dqp.slice(((b * t + ti) * s.h + h) * d, d)
+                .copy_from_slice(row);
+        }
+        transpose(t, t, &dp, &mut tt);
+        gemm_acc(t, d, t, &tt, &qh, &mut dkg)?;
+        transpose(t, t, &p, &mut tt);
+        gemm_acc(t, d, t, &tt, &dyh, &mut dvg)?;
     }
+    for ti in 0..t {
+        let off = ((b * t + ti) * s.hk + g) * d;
+        dkp.slice(off, d)
+            .copy_from_slice(&dkg[ti * d..(ti + 1) * d]);
+        dvp.slice(off, d)
+            .copy_from_slice(&dvg[ti * d..(ti + 1) * d]);
+    }
+    Ok(())
 }
 
 /// Attention of new tokens against a KV cache. Token `i` (cache row `rows[i]`, position
@@ -417,12 +467,11 @@ pub(crate) fn softcapped_ce_row(
     if target < 0 && grad_scale.is_none() {
         return 0.0;
     }
-    let m = z.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-    let mut sum = 0.0f32;
+    let m = max_lanes(z);
     for (e, &zi) in exps.iter_mut().zip(z.iter()) {
         *e = fast_exp(zi - m);
-        sum += *e;
     }
+    let sum = sum_lanes(exps);
     let loss = if target >= 0 {
         let lse = m as f64 + (sum as f64).ln();
         lse - z[target as usize] as f64

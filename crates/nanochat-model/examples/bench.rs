@@ -1,0 +1,124 @@
+//! Throughput benchmark: GEMM peak and memory bandwidth of this machine, a training step
+//! (forward + backward) and batch-1 KV-cached decoding.
+//!
+//! `cargo run --release -p nanochat-model --example bench -- DEPTH SEQ BATCH VOCAB [STEPS]`
+//! Prints one JSON line (compare with ../shared/tools/bench_torch_cpu.py, run back to back).
+
+use std::time::Instant;
+
+use nanochat_model::kernels::gemm_acc;
+use nanochat_model::{Gpt, GptConfig, KvCache, Reduction};
+
+fn gemm_peak() -> f64 {
+    let (m, n, k) = (2048usize, 1024usize, 512usize);
+    let a: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
+    let b: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32 * 0.1).collect();
+    let mut c = vec![0f32; m * n];
+    let mut best = 0f64;
+    for _ in 0..3 {
+        let t = Instant::now();
+        let reps = 10;
+        for _ in 0..reps {
+            gemm_acc(m, n, k, &a, &b, &mut c).unwrap();
+        }
+        let dt = t.elapsed().as_secs_f64() / reps as f64;
+        best = best.max(2.0 * (m * n * k) as f64 / dt / 1e9);
+    }
+    best
+}
+
+fn bandwidth_gbs() -> f64 {
+    // Read-dominated like decoding: sum a 512 MB buffer.
+    let n = 128 << 20;
+    let v: Vec<f32> = (0..n).map(|i| i as f32).collect();
+    let mut best = 0f64;
+    for _ in 0..3 {
+        let t = Instant::now();
+        let s: f32 = {
+            use rayon::prelude::*;
+            v.par_chunks(1 << 16)
+                .map(|c| nanochat_model::kernels::dot(c, c))
+                .sum()
+        };
+        let dt = t.elapsed().as_secs_f64();
+        std::hint::black_box(s);
+        best = best.max((n * 4) as f64 / dt / 1e9);
+    }
+    best
+}
+
+fn main() -> anyhow::Result<()> {
+    let a: Vec<usize> = std::env::args()
+        .skip(1)
+        .map(|s| s.parse())
+        .collect::<Result<_, _>>()?;
+    let (depth, seq, batch, vocab) = (a[0], a[1], a[2], a[3]);
+    let steps = a.get(4).copied().unwrap_or(3);
+    let cfg = GptConfig::from_depth(depth, vocab, seq)?;
+    // NANOCHAT_BENCH_TRAIN_ONLY=1: skip the machine probes and decoding (for profiling).
+    let train_only = std::env::var_os("NANOCHAT_BENCH_TRAIN_ONLY").is_some();
+    let (peak, bw) = if train_only {
+        (0.0, 0.0)
+    } else {
+        (gemm_peak(), bandwidth_gbs())
+    };
+    let mut m = Gpt::new(cfg.clone(), 0)?;
+    let n = batch * seq;
+    let idx: Vec<u32> = (0..n).map(|i| ((i * 7919 + 13) % vocab) as u32).collect();
+    let tg: Vec<i32> = (0..n).map(|i| ((i * 104729 + 7) % vocab) as i32).collect();
+    m.zero_grad()?;
+    m.forward_backward(&idx, &tg, batch, seq, Reduction::Mean)?; // warm-up: allocates buffers
+    let t = Instant::now();
+    for _ in 0..steps {
+        m.zero_grad()?;
+        m.forward_backward(&idx, &tg, batch, seq, Reduction::Mean)?;
+    }
+    let step_s = t.elapsed().as_secs_f64() / steps as f64;
+    let tps = n as f64 / step_s;
+    // Matmul FLOPs actually done: 6·(non-embedding params) per token + causal attention
+    // (QK and PV, fwd + bwd with recomputed scores ≈ 5 · 2·T²/2·D per head per layer / T).
+    let nonemb = (cfg.num_params() - cfg.padded_vocab_size() * cfg.n_embd) as f64;
+    let attn = 5.0 * (cfg.n_layer * cfg.n_head * cfg.head_dim() * seq) as f64;
+    let gflops = (6.0 * nonemb + attn) * tps / 1e9;
+    if train_only {
+        println!("train_tokens_per_s {tps:.1} gflops {gflops:.1}");
+        return Ok(());
+    }
+    m.release_training_state();
+    // Decode: batch 1, prefill 16, then single tokens (as the PyTorch script does).
+    let mut cache = KvCache::new(&cfg, 1, seq)?;
+    let prompt: Vec<u32> = idx[..16].to_vec();
+    let lg = m.forward_cached(&mut cache, &[(0, &prompt)])?;
+    let argmax = |x: &[f32]| {
+        x.iter()
+            .enumerate()
+            .fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b })
+            .0 as u32
+    };
+    let mut next = argmax(&lg[lg.len() - vocab..]);
+    let dsteps = 128.min(seq - 17);
+    let t = Instant::now();
+    for _ in 0..dsteps {
+        let lg = m.forward_cached(&mut cache, &[(0, &[next])])?;
+        next = argmax(&lg);
+    }
+    let dec_tps = dsteps as f64 / t.elapsed().as_secs_f64();
+    // Weights streamed per decoded token (wte reads one row only).
+    let bytes_per_token = 4.0 * nonemb;
+    let floor_tps = bw * 1e9 / bytes_per_token;
+    println!(
+        "{}",
+        serde_json::json!({
+            "depth": depth, "dim": cfg.n_embd, "heads": cfg.n_head, "seq": seq, "batch": batch,
+            "vocab": vocab, "params": cfg.num_params(), "threads": rayon::current_num_threads(),
+            "train_step_s": (step_s * 1e4).round() / 1e4,
+            "train_tokens_per_s": (tps * 10.0).round() / 10.0,
+            "train_gflops": (gflops * 10.0).round() / 10.0,
+            "gemm_peak_gflops": (peak * 10.0).round() / 10.0,
+            "decode_tokens_per_s": (dec_tps * 10.0).round() / 10.0,
+            "decode_floor_tokens_per_s": (floor_tps * 10.0).round() / 10.0,
+            "read_bandwidth_gbs": (bw * 10.0).round() / 10.0,
+        })
+    );
+    Ok(())
+}
