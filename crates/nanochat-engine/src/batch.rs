@@ -274,46 +274,63 @@ impl<M: StepModel> BatchDecoder<M> {
         let model = self.engine.model().clone();
         let vocab = model.vocab_size();
 
-        let mut rows = Vec::new();
-        let mut tokens = Vec::new();
-        let mut ids = Vec::new();
-        for (&id, seq) in &self.seqs {
-            if let Phase::Decode { last } = seq.phase {
-                ids.push(id);
-                rows.push(seq.row);
-                tokens.push(last);
-            }
-        }
-        if !ids.is_empty() {
-            let logits = model.decode(&mut self.cache, &rows, &tokens)?;
-            check_logits_len(logits.len(), ids.len() * vocab)?;
-            for (i, id) in ids.into_iter().enumerate() {
-                outputs.push(self.advance(id, &logits[i * vocab..(i + 1) * vocab])?);
-            }
-        }
-
-        // Prefill groups in order of arrival; the first member's row is copied to the others.
+        // One forward for the whole step: the pending token of every decoding sequence plus
+        // the prompt of every new group (its first member's row; the others copy it after).
+        let mut decode_tokens = Vec::new();
+        let mut entries: Vec<(SeqId, usize)> = Vec::new();
         let mut groups: BTreeMap<u64, (Arc<[u32]>, Vec<SeqId>)> = BTreeMap::new();
         for (&id, seq) in &self.seqs {
-            if let Phase::Prefill { prompt, group } = &seq.phase {
-                groups
-                    .entry(*group)
-                    .or_insert_with(|| (prompt.clone(), Vec::new()))
-                    .1
-                    .push(id);
+            match &seq.phase {
+                Phase::Decode { last } => {
+                    entries.push((id, seq.row));
+                    decode_tokens.push(*last);
+                }
+                Phase::Prefill { prompt, group } => {
+                    groups
+                        .entry(*group)
+                        .or_insert_with(|| (prompt.clone(), Vec::new()))
+                        .1
+                        .push(id);
+                }
             }
         }
-        for (_, (prompt, members)) in groups {
+        let n_decode = entries.len();
+        for (_, members) in groups.values() {
+            let row = self.seqs[&members[0]].row;
+            model.reset_row(&mut self.cache, row)?;
+            entries.push((members[0], row));
+        }
+        if entries.is_empty() {
+            return Ok(outputs);
+        }
+        let mut batch: Vec<(usize, &[u32])> = Vec::with_capacity(entries.len());
+        for (&(_, row), token) in entries[..n_decode].iter().zip(&decode_tokens) {
+            batch.push((row, std::slice::from_ref(token)));
+        }
+        for (&(_, row), (prompt, _)) in entries[n_decode..].iter().zip(groups.values()) {
+            batch.push((row, prompt));
+        }
+        let logits = model.forward(&mut self.cache, &batch)?;
+        drop(batch);
+        if logits.len() != entries.len() * vocab {
+            return Err(EngineError::Internal(format!(
+                "model returned {} logits, expected {}",
+                logits.len(),
+                entries.len() * vocab
+            )));
+        }
+        let row_logits = |i: usize| &logits[i * vocab..(i + 1) * vocab];
+        for (i, &(id, _)) in entries[..n_decode].iter().enumerate() {
+            outputs.push(self.advance(id, row_logits(i))?);
+        }
+        for (g, (_, members)) in groups.values().enumerate() {
             let leader_row = self.seqs[&members[0]].row;
-            model.reset_row(&mut self.cache, leader_row)?;
-            let logits = model.prefill(&mut self.cache, leader_row, &prompt)?;
-            check_logits_len(logits.len(), vocab)?;
-            for &id in &members[1..] {
-                let row = self.seqs[&id].row;
+            for id in &members[1..] {
+                let row = self.seqs[id].row;
                 model.copy_row(&mut self.cache, leader_row, row)?;
             }
-            for id in members {
-                outputs.push(self.advance(id, &logits)?);
+            for &id in members {
+                outputs.push(self.advance(id, row_logits(n_decode + g))?);
             }
         }
         Ok(outputs)
@@ -381,16 +398,6 @@ impl<M: StepModel> BatchDecoder<M> {
         if let Err(e) = self.engine.model().reset_row(&mut self.cache, row) {
             tracing::warn!(row, error = %e, "could not reset a KV-cache row");
         }
-    }
-}
-
-fn check_logits_len(got: usize, want: usize) -> Result<(), EngineError> {
-    if got == want {
-        Ok(())
-    } else {
-        Err(EngineError::Internal(format!(
-            "model returned {got} logits, expected {want}"
-        )))
     }
 }
 

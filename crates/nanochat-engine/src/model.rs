@@ -18,20 +18,14 @@ pub trait StepModel: Send + Sync {
     fn context_len(&self) -> usize;
     /// An empty cache with `rows` rows.
     fn new_cache(&self, rows: usize) -> Result<Self::Cache, EngineError>;
-    /// Appends `tokens` to `row` and returns the logits after its last token (`vocab_size`).
-    fn prefill(
+    /// Runs one forward over several rows at once: `batch` lists `(row, tokens)` pairs, each
+    /// row at most once, the tokens continuing that row (a whole prompt to prefill, or the one
+    /// token of a decode step). Returns the logits after each entry's last token, row-major in
+    /// the order given: `batch.len() * vocab_size`.
+    fn forward(
         &self,
         cache: &mut Self::Cache,
-        row: usize,
-        tokens: &[u32],
-    ) -> Result<Vec<f32>, EngineError>;
-    /// Appends `tokens[i]` to row `rows[i]` for every i in one batched step; returns the logits
-    /// row-major, `rows.len() * vocab_size`.
-    fn decode(
-        &self,
-        cache: &mut Self::Cache,
-        rows: &[usize],
-        tokens: &[u32],
+        batch: &[(usize, &[u32])],
     ) -> Result<Vec<f32>, EngineError>;
     /// Empties `row`.
     fn reset_row(&self, cache: &mut Self::Cache, row: usize) -> Result<(), EngineError>;
@@ -47,6 +41,20 @@ pub trait TokenCodec: Send + Sync {
     fn decode_bytes(&self, ids: &[u32]) -> Vec<u8>;
     /// Id of a special token such as `<|assistant_end|>`.
     fn special_id(&self, name: &str) -> Option<u32>;
+}
+
+impl TokenCodec for nanochat_tokenizer::Tokenizer {
+    fn encode(&self, text: &str) -> Vec<u32> {
+        nanochat_tokenizer::Tokenizer::encode(self, text)
+    }
+
+    fn decode_bytes(&self, ids: &[u32]) -> Vec<u8> {
+        nanochat_tokenizer::Tokenizer::decode_bytes(self, ids)
+    }
+
+    fn special_id(&self, name: &str) -> Option<u32> {
+        nanochat_tokenizer::Tokenizer::special_id(self, name)
+    }
 }
 
 /// The special tokens that steer generation, looked up once.

@@ -76,12 +76,12 @@ pub struct FakeModel {
     vocab: usize,
     context: usize,
     script: Option<Arc<Script>>,
-    /// Number of `prefill` calls.
+    /// Number of `forward` calls that prefilled a prompt of more than one token.
     pub prefills: AtomicUsize,
-    /// Number of batched `decode` calls.
+    /// Number of `forward` calls with one token per row.
     pub decodes: AtomicUsize,
-    /// Largest number of rows seen in one `decode`.
-    pub max_rows_per_decode: AtomicUsize,
+    /// Largest number of rows seen in one `forward`.
+    pub max_rows_per_forward: AtomicUsize,
 }
 
 /// The fake model's cache: each row's token history.
@@ -99,7 +99,7 @@ impl FakeModel {
             script: None,
             prefills: AtomicUsize::new(0),
             decodes: AtomicUsize::new(0),
-            max_rows_per_decode: AtomicUsize::new(0),
+            max_rows_per_forward: AtomicUsize::new(0),
         }
     }
 
@@ -140,10 +140,7 @@ impl FakeModel {
         cache: &'a mut FakeCache,
         row: usize,
     ) -> Result<&'a mut Vec<u32>, EngineError> {
-        cache
-            .rows
-            .get_mut(row)
-            .ok_or_else(|| EngineError::Model(format!("row {row} out of range").into()))
+        cache.rows.get_mut(row).ok_or_else(|| out_of_range(row))
     }
 }
 
@@ -164,39 +161,30 @@ impl StepModel for FakeModel {
         })
     }
 
-    fn prefill(
+    fn forward(
         &self,
         cache: &mut FakeCache,
-        row: usize,
-        tokens: &[u32],
+        batch: &[(usize, &[u32])],
     ) -> Result<Vec<f32>, EngineError> {
-        self.prefills.fetch_add(1, Ordering::Relaxed);
-        let context = self.context;
-        let r = self.row(cache, row)?;
-        r.extend_from_slice(tokens);
-        if r.len() > context {
-            return Err(EngineError::Model(
-                format!("row {row} exceeds the context").into(),
-            ));
-        }
-        let h = r.clone();
-        Ok(self.logits_for(&h))
-    }
-
-    fn decode(
-        &self,
-        cache: &mut FakeCache,
-        rows: &[usize],
-        tokens: &[u32],
-    ) -> Result<Vec<f32>, EngineError> {
-        self.decodes.fetch_add(1, Ordering::Relaxed);
-        self.max_rows_per_decode
-            .fetch_max(rows.len(), Ordering::Relaxed);
-        let mut out = Vec::with_capacity(rows.len() * self.vocab);
-        for (&row, &t) in rows.iter().zip(tokens) {
+        let calls = if batch.iter().any(|e| e.1.len() > 1) {
+            &self.prefills
+        } else {
+            &self.decodes
+        };
+        calls.fetch_add(1, Ordering::Relaxed);
+        self.max_rows_per_forward
+            .fetch_max(batch.len(), Ordering::Relaxed);
+        let mut out = Vec::with_capacity(batch.len() * self.vocab);
+        let mut seen = vec![false; cache.rows.len()];
+        for &(row, tokens) in batch {
+            if std::mem::replace(seen.get_mut(row).ok_or_else(|| out_of_range(row))?, true) {
+                return Err(EngineError::Model(
+                    format!("row {row} appears twice").into(),
+                ));
+            }
             let context = self.context;
             let r = self.row(cache, row)?;
-            r.push(t);
+            r.extend_from_slice(tokens);
             if r.len() > context {
                 return Err(EngineError::Model(
                     format!("row {row} exceeds the context").into(),
@@ -218,4 +206,8 @@ impl StepModel for FakeModel {
         *self.row(cache, dst)? = h;
         Ok(())
     }
+}
+
+fn out_of_range(row: usize) -> EngineError {
+    EngineError::Model(format!("row {row} out of range").into())
 }

@@ -101,7 +101,7 @@ fn batch_of_prompts_equals_each_alone() {
         .collect();
     let p = sampled(42);
     let batch = e.generate_batch(&prompts, &p, 1, 3).unwrap();
-    assert!(e.model().max_rows_per_decode.load(Ordering::Relaxed) >= 2);
+    assert!(e.model().max_rows_per_forward.load(Ordering::Relaxed) >= 2);
     for (prompt, got) in prompts.iter().zip(&batch) {
         let alone = e
             .generate_batch(std::slice::from_ref(prompt), &p, 1, 1)
