@@ -36,7 +36,9 @@ impl StepModel for Gpt {
     ) -> Result<Vec<f32>, EngineError> {
         let vocab = self.config().vocab_size;
         if batch.iter().any(|e| e.1.is_empty()) {
-            return Err(EngineError::Internal("forward called with an empty row".into()));
+            return Err(EngineError::Internal(
+                "forward called with an empty row".into(),
+            ));
         }
         let total: usize = batch.iter().map(|e| e.1.len()).sum();
         if total <= PREFILL_CHUNK {
@@ -52,12 +54,15 @@ impl StepModel for Gpt {
         }
         // Long prompts: the single-token rows together, then each prompt in chunks.
         let mut out = vec![0f32; batch.len() * vocab];
-        let singles: Vec<usize> = (0..batch.len()).filter(|&i| batch[i].1.len() == 1).collect();
+        let singles: Vec<usize> = (0..batch.len())
+            .filter(|&i| batch[i].1.len() == 1)
+            .collect();
         if !singles.is_empty() {
             let sub: Vec<(usize, &[u32])> = singles.iter().map(|&i| batch[i]).collect();
             let logits = self.forward_cached(cache, &sub).map_err(model_err)?;
             for (j, &i) in singles.iter().enumerate() {
-                out[i * vocab..(i + 1) * vocab].copy_from_slice(&logits[j * vocab..(j + 1) * vocab]);
+                out[i * vocab..(i + 1) * vocab]
+                    .copy_from_slice(&logits[j * vocab..(j + 1) * vocab]);
             }
         }
         for (i, &(row, tokens)) in batch.iter().enumerate() {
@@ -66,7 +71,9 @@ impl StepModel for Gpt {
             }
             let mut last = Vec::new();
             for chunk in tokens.chunks(PREFILL_CHUNK) {
-                last = self.forward_cached(cache, &[(row, chunk)]).map_err(model_err)?;
+                last = self
+                    .forward_cached(cache, &[(row, chunk)])
+                    .map_err(model_err)?;
             }
             if last.len() >= vocab {
                 out[i * vocab..(i + 1) * vocab].copy_from_slice(&last[last.len() - vocab..]);

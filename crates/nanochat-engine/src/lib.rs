@@ -14,6 +14,7 @@ pub mod batch;
 pub mod calculator;
 pub mod context;
 pub mod engine;
+pub mod gpt;
 pub mod model;
 pub mod sampling;
 pub mod stream;
