@@ -26,9 +26,13 @@ for c in "${crates[@]}"; do pkg_args+=(-p "$c"); done
 out_dir="${CARGO_TARGET_DIR:-target}/coverage"
 mkdir -p "$out_dir"
 # A separate target dir: tarpaulin's RUSTFLAGS would otherwise invalidate the normal build.
+tarpaulin_target="${CARGO_TARGET_DIR:-target}/tarpaulin"
+# Tests that run example stage binaries (nanochat-run's toy_stage) need them built there;
+# tarpaulin itself does not build examples.
+cargo build --examples "${pkg_args[@]}" --target-dir "$tarpaulin_target" >&2
 cargo tarpaulin "${pkg_args[@]}" \
   --engine ptrace --follow-exec --skip-clean \
-  --target-dir "${CARGO_TARGET_DIR:-target}/tarpaulin" \
+  --target-dir "$tarpaulin_target" \
   --timeout 600 --out Json --output-dir "$out_dir" \
   --exclude-files 'crates/*/tests/*' --exclude-files 'crates/*/examples/*' \
   --exclude-files 'crates/*/benches/*' >&2
