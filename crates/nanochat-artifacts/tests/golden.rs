@@ -28,9 +28,14 @@ fn documented_manifest_bytes_and_object_id() {
     fs::write(st.dir().join("sub/empty.bin"), b"").unwrap();
     let id = s.publish(st).unwrap();
     assert_eq!(id.as_str(), DOC_OBJECT_ID);
-    let dir = s.root().join("objects/8d/99c3282ae2903b090f54e62c1e442782772ac27541b11c3fd0a69c217f5862");
+    let dir = s
+        .root()
+        .join("objects/8d/99c3282ae2903b090f54e62c1e442782772ac27541b11c3fd0a69c217f5862");
     assert_eq!(s.object_dir(&id), dir);
-    assert_eq!(fs::read(dir.join("manifest.json")).unwrap(), m.canonical_bytes());
+    assert_eq!(
+        fs::read(dir.join("manifest.json")).unwrap(),
+        m.canonical_bytes()
+    );
     assert_eq!(fs::read(dir.join("data/hello.txt")).unwrap(), b"hello\n");
 }
 
@@ -46,7 +51,9 @@ fn documented_stage_key() {
     };
     assert_eq!(
         String::from_utf8(canonical_json(&fp.to_value())).unwrap(),
-        format!(r#"{{"binary":"sha256:00","config":{{"steps":3}},"env":{{}},"inputs":{{"tok":"{DOC_OBJECT_ID}"}},"schema":1,"stage":"pretrain"}}"#)
+        format!(
+            r#"{{"binary":"sha256:00","config":{{"steps":3}},"env":{{}},"inputs":{{"tok":"{DOC_OBJECT_ID}"}},"schema":1,"stage":"pretrain"}}"#
+        )
     );
     assert_eq!(
         fp.key().as_str(),
