@@ -8,6 +8,7 @@
 //! tested with scripted models whose right answers are known.
 #![warn(missing_docs)]
 
+pub mod adapters;
 pub mod bpb;
 pub mod chat;
 pub mod core;

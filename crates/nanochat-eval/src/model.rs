@@ -76,6 +76,19 @@ pub trait Generator {
     /// Generate at most `max_new_tokens` tokens after `prompt` and return only the new tokens.
     /// The generator stops at its own end-of-turn token.
     fn generate(&self, prompt: &[u32], max_new_tokens: usize) -> Result<Vec<u32>>;
+
+    /// Complete several prompts (an implementation may decode them together). The outer error
+    /// aborts the run; an inner error fails only that item.
+    fn generate_batch(
+        &self,
+        prompts: &[Vec<u32>],
+        max_new_tokens: usize,
+    ) -> Result<Vec<Result<Vec<u32>>>> {
+        Ok(prompts
+            .iter()
+            .map(|p| self.generate(p, max_new_tokens))
+            .collect())
+    }
 }
 
 /// Per-position cross entropy (nats) and argmax of one row, from its logits.

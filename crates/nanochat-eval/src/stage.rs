@@ -405,6 +405,7 @@ pub fn run_eval(cfg: &EvalConfig, inputs: &EvalInputs<'_>, out_dir: &Path) -> Re
             let gen_opts = GenerativeOptions {
                 max_new_tokens: cfg.max_new_tokens,
                 exec_workers: cfg.exec_workers,
+                gen_batch: cfg.batch_size,
             };
             let mut sandbox = None;
             for name in &names {

@@ -469,6 +469,8 @@ pub struct GenerativeOptions {
     pub max_new_tokens: usize,
     /// Parallel sandboxed executions for HumanEval.
     pub exec_workers: usize,
+    /// Prompts handed to the generator at once.
+    pub gen_batch: usize,
 }
 
 impl Default for GenerativeOptions {
@@ -476,6 +478,7 @@ impl Default for GenerativeOptions {
         GenerativeOptions {
             max_new_tokens: 512,
             exec_workers: 2,
+            gen_batch: 8,
         }
     }
 }
@@ -493,15 +496,30 @@ pub fn evaluate_generative(
     let started = Instant::now();
     let mut completions: Vec<std::result::Result<String, String>> =
         Vec::with_capacity(task.items.len());
-    for item in &task.items {
-        let c = tokenizer
-            .render_chat_prompt(&item.user)
-            .and_then(|p| generator.generate(&p, opts.max_new_tokens))
-            .map(|ids| tokenizer.decode(&ids))
-            .map_err(|e| format!("generate: {e}"));
-        completions.push(c);
+    for chunk in task.items.chunks(opts.gen_batch.max(1)) {
+        let prompts: Vec<Result<Vec<u32>>> = chunk
+            .iter()
+            .map(|item| tokenizer.render_chat_prompt(&item.user))
+            .collect();
+        let ok: Vec<Vec<u32>> = prompts
+            .iter()
+            .filter_map(|p| p.as_ref().ok().cloned())
+            .collect();
+        let mut generated = generator
+            .generate_batch(&ok, opts.max_new_tokens)?
+            .into_iter();
+        for p in prompts {
+            completions.push(match p {
+                Err(e) => Err(format!("render: {e}")),
+                Ok(_) => match generated.next() {
+                    Some(Ok(ids)) => Ok(tokenizer.decode(&ids)),
+                    Some(Err(e)) => Err(format!("generate: {e}")),
+                    None => Err("generate: the generator returned too few completions".into()),
+                },
+            });
+        }
         if let Some(pb) = progress {
-            pb.inc(1);
+            pb.inc(chunk.len() as u64);
         }
     }
     grade_completions(task, &completions, opts, sandbox)

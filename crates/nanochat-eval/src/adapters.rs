@@ -1,0 +1,98 @@
+//! The evaluation traits implemented for the real workspace types: `nanochat-model`'s [`Gpt`]
+//! scores sequences, `nanochat-tokenizer`'s [`Tokenizer`] encodes and renders chat prompts, and
+//! `nanochat-engine`'s [`Engine`] generates (greedy, calculator tool included).
+
+use nanochat_engine::{Engine, SamplingParams, StepModel};
+use nanochat_model::Gpt;
+use nanochat_tokenizer::chat::{Conversation, Message, Role};
+use nanochat_tokenizer::Tokenizer;
+
+use crate::model::{EvalTokenizer, Generator, LogProbModel, LogitsBatch};
+use crate::{EvalError, Result};
+
+impl LogProbModel for Gpt {
+    /// The rotary table's length: nanochat's GPT forwards prompts longer than its training
+    /// context without cropping, up to that table.
+    fn max_seq_len(&self) -> Option<usize> {
+        Some(self.config().max_positions())
+    }
+
+    fn logits(&self, tokens: &[u32], batch: usize, seq_len: usize) -> Result<LogitsBatch> {
+        let data = Gpt::logits(self, tokens, batch, seq_len)
+            .map_err(|e| EvalError::Model(e.to_string()))?;
+        Ok(LogitsBatch {
+            batch,
+            seq_len,
+            vocab: self.config().vocab_size,
+            data,
+        })
+    }
+}
+
+impl EvalTokenizer for Tokenizer {
+    fn encode(&self, text: &str) -> Vec<u32> {
+        Tokenizer::encode(self, text)
+    }
+    fn decode(&self, ids: &[u32]) -> String {
+        Tokenizer::decode(self, ids)
+    }
+    fn bos_id(&self) -> u32 {
+        Tokenizer::bos_id(self)
+    }
+    fn render_chat_prompt(&self, user_message: &str) -> Result<Vec<u32>> {
+        let conv = Conversation {
+            messages: vec![
+                Message::text(Role::User, user_message),
+                Message::text(Role::Assistant, ""),
+            ],
+        };
+        self.render_for_completion(&conv)
+            .map_err(|e| EvalError::Invalid(format!("cannot render the chat prompt: {e}")))
+    }
+}
+
+/// Greedy generation through the engine, `max_batch` prompts decoded together.
+pub struct EngineGenerator<M: StepModel> {
+    engine: Engine<M>,
+    max_batch: usize,
+}
+
+impl<M: StepModel> EngineGenerator<M> {
+    /// Wrap an engine; `max_batch` sequences share each decode step.
+    pub fn new(engine: Engine<M>, max_batch: usize) -> Self {
+        EngineGenerator {
+            engine,
+            max_batch: max_batch.max(1),
+        }
+    }
+
+    fn params(max_new_tokens: usize) -> SamplingParams {
+        SamplingParams {
+            temperature: 0.0,
+            top_k: 50,
+            max_tokens: max_new_tokens,
+            seed: Some(0),
+            ..SamplingParams::default()
+        }
+    }
+}
+
+impl<M: StepModel> Generator for EngineGenerator<M> {
+    fn generate(&self, prompt: &[u32], max_new_tokens: usize) -> Result<Vec<u32>> {
+        let mut out = self.generate_batch(&[prompt.to_vec()], max_new_tokens)?;
+        out.pop()
+            .unwrap_or_else(|| Err(EvalError::Model("no completion".into())))
+    }
+
+    fn generate_batch(
+        &self,
+        prompts: &[Vec<u32>],
+        max_new_tokens: usize,
+    ) -> Result<Vec<Result<Vec<u32>>>> {
+        let done = self
+            .engine
+            .generate_batch(prompts, &Self::params(max_new_tokens), 1, self.max_batch)
+            .map_err(|e| EvalError::Model(e.to_string()))?;
+        Ok(done.into_iter().map(|c| Ok(c.tokens)).collect())
+    }
+}

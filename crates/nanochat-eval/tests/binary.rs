@@ -1,0 +1,111 @@
+//! The `nanochat-eval` binary on a real (random, tiny) GPT checkpoint and a byte-level
+//! nanochat tokenizer: the stage contract, base and chat (categorical) modes, bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use nanochat_model::{CheckpointMeta, Gpt, GptConfig};
+use nanochat_tokenizer::Tokenizer;
+
+fn testdata(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("testdata")
+        .join(name)
+}
+
+/// A model artifact dir (checkpoint + tokenizer side by side) for a depth-1 random model.
+fn make_model(root: &Path) -> PathBuf {
+    let tok = Tokenizer::nanochat("bytes", (0u8..=255).map(|b| vec![b]).collect()).unwrap();
+    let vocab = tok.vocab_size() as usize;
+    let model_dir = root.join("model");
+    tok.save(&model_dir.join("tokenizer")).unwrap();
+    let gpt = Gpt::new(GptConfig::from_depth(1, vocab, 64).unwrap(), 7).unwrap();
+    nanochat_model::save_checkpoint(&gpt, &model_dir.join("checkpoint"), &CheckpointMeta::new(3))
+        .unwrap();
+    std::fs::write(
+        model_dir.join("train_config.toml"),
+        "data = [\"chat/gsm_symbolic_train.jsonl.gz\"]\n",
+    )
+    .unwrap();
+    model_dir
+}
+
+fn run_stage(config: &str, model: &Path, out: &Path, work: &Path) -> std::process::Output {
+    let cfg = out.with_extension("toml");
+    std::fs::write(&cfg, config).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_nanochat-eval"))
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--input")
+        .arg(format!("model={}", model.display()))
+        .arg("--out")
+        .arg(out)
+        .arg("--work")
+        .arg(work)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn eval_binary_base_and_chat_modes() {
+    let root = tempfile::tempdir().unwrap();
+    let model = make_model(root.path());
+    let val = root.path().join("val.jsonl");
+    std::fs::write(
+        &val,
+        "{\"text\": \"The quick brown fox jumps over the lazy dog. \"}\n".repeat(20),
+    )
+    .unwrap();
+    let out = root.path().join("base_out");
+    let cfg = format!(
+        "mode = \"base\"\ncore_dir = {:?}\nbatch_size = 8\nval_data = {:?}\nbpb_tokens = 256\nbpb_seq_len = 32\n",
+        testdata("core_sample"),
+        val
+    );
+    let o = run_stage(&cfg, &model, &out, &root.path().join("work1"));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    assert_eq!(m["kind"], "eval");
+    assert_eq!(m["core"]["tasks"].as_array().unwrap().len(), 3);
+    let core = m["core"]["core_metric"].as_f64().unwrap();
+    assert!(core.is_finite());
+    // a random model over 260 tokens: about 8 bits per byte
+    let bpb = m["bpb"]["bpb"].as_f64().unwrap();
+    assert!((6.0..11.0).contains(&bpb), "bpb {bpb}");
+    assert!(out.join("results/mini_mc.jsonl").is_file());
+
+    // chat mode, categorical task only (MMLU sample, gzipped under the expected name)
+    let eval_dir = root.path().join("eval");
+    std::fs::create_dir_all(&eval_dir).unwrap();
+    let data = std::fs::read(testdata("chat_sample/mmlu.jsonl")).unwrap();
+    let mut enc = flate2::write::GzEncoder::new(
+        std::fs::File::create(eval_dir.join("mmlu_test.jsonl.gz")).unwrap(),
+        flate2::Compression::fast(),
+    );
+    std::io::Write::write_all(&mut enc, &data).unwrap();
+    enc.finish().unwrap();
+    let out = root.path().join("chat_out");
+    let cfg =
+        format!("mode = \"chat\"\nlabel = \"sft\"\neval_dir = {eval_dir:?}\ntasks = [\"MMLU\"]\n");
+    let o = run_stage(&cfg, &model, &out, &root.path().join("work2"));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    assert_eq!(m["chat"]["tasks"][0]["items"], 4);
+    assert_eq!(m["label"], "sft");
+    assert!(
+        m["chat"]["chatcore"].is_null(),
+        "ChatCORE needs all five tasks"
+    );
+
+    // unknown config key: clear error, non-zero exit
+    let o = run_stage(
+        "mode = \"base\"\nbatch = 3\n",
+        &model,
+        &root.path().join("bad_out"),
+        &root.path().join("w3"),
+    );
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("batch"));
+}
