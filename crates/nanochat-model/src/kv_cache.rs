@@ -138,6 +138,17 @@ impl Gpt {
         cache: &mut KvCache,
         batch: &[(usize, &[u32])],
     ) -> Result<Vec<f32>> {
+        // Run the whole step on a rayon worker: the ~15 small parallel loops per layer then
+        // start in-pool instead of each paying a cross-thread injection (which dominated
+        // single-token latency at small widths).
+        rayon::scope(|_| self.forward_cached_in_pool(cache, batch))
+    }
+
+    fn forward_cached_in_pool(
+        &self,
+        cache: &mut KvCache,
+        batch: &[(usize, &[u32])],
+    ) -> Result<Vec<f32>> {
         let cfg = &self.cfg;
         if cache.n_layer != cfg.n_layer || cache.kv_width != cfg.n_kv_head * cfg.head_dim() {
             return Err(ModelError::InvalidInput(

@@ -255,6 +255,14 @@ impl Gpt {
     /// A model with every weight zero (checkpoint loading fills it in).
     pub(crate) fn zeros(cfg: GptConfig) -> Result<Self> {
         cfg.validate()?;
+        // Weights + transposed copies + gradients, checked before the first allocation.
+        crate::memory::check_fits(
+            cfg.num_params() as u64 * 12,
+            &format!(
+                "weights, transposed copies and gradients of a {}-layer, {}-wide model",
+                cfg.n_layer, cfg.n_embd
+            ),
+        )?;
         let specs = param_specs(&cfg);
         let mut data = Vec::with_capacity(specs.len());
         let mut grads = Vec::with_capacity(specs.len());
