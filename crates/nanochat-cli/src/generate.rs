@@ -2,6 +2,7 @@
 
 use std::io::{IsTerminal, Read, Write};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -53,8 +54,9 @@ pub fn stream<M: StepModel>(
     let start = Instant::now();
     let mut gen = engine.generate(prompt, params)?;
     let cancel = gen.cancel_token();
-    let sigint = signal_hook::flag::register(signal_hook::consts::SIGINT, cancel.flag())
-        .context("installing the Ctrl-C handler")?;
+    install_ctrl_c()?;
+    STOP.store(false, Ordering::SeqCst);
+    GENERATING.store(true, Ordering::SeqCst);
     let spinner = Spinner::new(!quiet && std::io::stdout().is_terminal());
     let mut text = String::new();
     let mut tokens = Vec::new();
@@ -62,6 +64,10 @@ pub fn stream<M: StepModel>(
     let result = (|| -> Result<()> {
         for ev in gen.by_ref() {
             let ev = ev?;
+            if STOP.load(Ordering::SeqCst) {
+                // The stream ends before its next token.
+                cancel.cancel();
+            }
             let now = start.elapsed();
             let ttft = *first.get_or_insert(now);
             tokens.push(ev.token);
@@ -78,7 +84,7 @@ pub fn stream<M: StepModel>(
         }
         Ok(())
     })();
-    signal_hook::low_level::unregister(sigint);
+    GENERATING.store(false, Ordering::SeqCst);
     spinner.finish();
     result?;
     let elapsed = start.elapsed().as_secs_f64();
@@ -112,6 +118,35 @@ pub fn stream<M: StepModel>(
         time_to_first_token_s: ttft,
         elapsed_s: elapsed,
     })
+}
+
+/// Set while a generation runs: Ctrl-C then stops the generation instead of the process.
+static GENERATING: AtomicBool = AtomicBool::new(false);
+/// Set by Ctrl-C during a generation.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+/// Installs the process-wide Ctrl-C handler once: during a generation it asks the stream to
+/// stop (the chat REPL keeps going); otherwise it exits with status 130 like the default action.
+fn install_ctrl_c() -> Result<()> {
+    static INSTALLED: std::sync::OnceLock<std::result::Result<(), String>> =
+        std::sync::OnceLock::new();
+    INSTALLED
+        .get_or_init(|| {
+            let handler = || {
+                if GENERATING.load(Ordering::SeqCst) {
+                    STOP.store(true, Ordering::SeqCst);
+                } else {
+                    signal_hook::low_level::exit(i32::from(EXIT_INTERRUPTED));
+                }
+            };
+            // SAFETY: the handler only touches atomics and calls `_exit`, both
+            // async-signal-safe; it allocates nothing and takes no locks.
+            unsafe { signal_hook::low_level::register(signal_hook::consts::SIGINT, handler) }
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+        .clone()
+        .map_err(|e| anyhow::anyhow!("installing the Ctrl-C handler: {e}"))
 }
 
 /// Spinner on stderr. While stdout is a terminal too, it only shows until the first token

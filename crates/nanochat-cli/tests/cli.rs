@@ -319,13 +319,17 @@ fn chat_repl_in_a_pty() {
                 std::thread::sleep(std::time::Duration::from_millis(500));
                 si.write_all(b"Hello\n")?;
                 std::thread::sleep(std::time::Duration::from_millis(1500));
-                si.write_all(b"/quit\n")?;
+                si.write_all(b"/temperature 0.5\n")?;
+                std::thread::sleep(std::time::Duration::from_millis(500));
+                // Ctrl-C at the prompt (not during a generation) leaves like the default action.
+                si.write_all(b"\x03")?;
             }
             c.wait_with_output()
         })
         .expect("run script");
     let out = stdout(&o);
-    assert!(o.status.success(), "{out}{}", stderr(&o));
+    assert_eq!(o.status.code(), Some(130), "{out}{}", stderr(&o));
+    assert!(out.contains("temperature = 0.5"), "{out}");
     assert!(out.contains("type /help for commands"), "{out}");
     assert!(out.contains("Assistant:"), "{out}");
 }
