@@ -15,6 +15,7 @@ pub mod config;
 pub mod engine_backend;
 pub mod error;
 pub mod fake;
+pub mod load;
 pub mod openai;
 pub mod scheduler;
 pub mod server;

@@ -16,6 +16,9 @@ struct Cli {
     /// Model artifact directory (checkpoint + tokenizer files).
     #[arg(long, required_unless_present = "fake")]
     model: Option<PathBuf>,
+    /// Tokenizer directory, when it is not stored with the model.
+    #[arg(long, requires = "model")]
+    tokenizer: Option<PathBuf>,
     /// Serve the scripted echo model instead of a checkpoint (UI work, load tests).
     #[arg(long, conflicts_with = "model")]
     fake: bool,
@@ -106,10 +109,9 @@ fn load_model(cli: &Cli) -> Result<Arc<dyn ServedModel>> {
         ))));
     }
     let dir = cli.model.as_ref().context("--model is required")?;
-    anyhow::bail!(
-        "{}: loading checkpoints needs nanochat-engine, which is not wired in yet; use --fake for now",
-        dir.display()
-    )
+    let model = nanochat_inference::load::load_model(dir, cli.tokenizer.as_deref())
+        .with_context(|| format!("loading the model from {}", dir.display()))?;
+    Ok(Arc::new(model))
 }
 
 #[actix_web::main]

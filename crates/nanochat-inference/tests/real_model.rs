@@ -1,0 +1,136 @@
+//! The server on the real engine: a tiny random-init GPT saved with nanochat-model's checkpoint
+//! API next to a byte-level nanochat tokenizer, loaded the way `--model <dir>` does.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use common::*;
+use nanochat_inference::load::load_model_dir;
+use nanochat_inference::{ServedModel, Server, ServerConfig};
+use nanochat_model::{CheckpointMeta, Gpt, GptConfig};
+use nanochat_tokenizer::Tokenizer;
+use serde_json::json;
+
+const CHAT: &str = "/v1/chat/completions";
+
+fn write_tiny_model(dir: &Path) {
+    let tokenizer = Tokenizer::nanochat("bytes", (0..=255u8).map(|b| vec![b]).collect()).unwrap();
+    let cfg = GptConfig::from_depth(1, tokenizer.vocab_size() as usize, 256).unwrap();
+    let gpt = Gpt::new(cfg, 7).unwrap();
+    gpt.save_checkpoint(&dir.join("checkpoint"), &CheckpointMeta::new(0))
+        .unwrap();
+    tokenizer.save(&dir.join("tokenizer")).unwrap();
+}
+
+fn start_real(dir: &Path, cfg: ServerConfig) -> std::net::SocketAddr {
+    let model = load_model_dir(dir).expect("model loads");
+    assert_eq!(model.context_len(), 256);
+    let mut cfg = cfg;
+    cfg.port = 0;
+    Server::bind(cfg, Arc::new(model)).unwrap().spawn().0
+}
+
+#[actix_web::test]
+async fn tiny_model_serves_chat_stream_and_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_tiny_model(tmp.path());
+    let addr = start_real(tmp.path(), ServerConfig::default());
+
+    let models = request(addr, "GET", "/v1/models", "").await.json();
+    assert_eq!(models["data"][0]["id"], "nanochat-d1");
+
+    // Greedy answers of each prompt alone...
+    let prompts: Vec<String> = (0..4)
+        .map(|i| format!("prompt number {i}: {}", "ab".repeat(i)))
+        .collect();
+    let mut solo = Vec::new();
+    for p in &prompts {
+        let r = post_json(
+            addr,
+            CHAT,
+            &json!({"messages": user(p), "temperature": 0, "max_tokens": 12}),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let v = r.json();
+        let usage = &v["usage"];
+        assert!(usage["completion_tokens"].as_u64().unwrap() <= 12);
+        // bos + user_start + text + user_end + assistant_start
+        assert_eq!(usage["prompt_tokens"].as_u64().unwrap(), p.len() as u64 + 4);
+        solo.push(
+            v["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    // ...equal their answers when streamed concurrently in one batch (cache off for the check).
+    let mut cfg = ServerConfig::default();
+    cfg.cache.enabled = false;
+    let batched_addr = start_real(tmp.path(), cfg);
+    let mut tasks = Vec::new();
+    for p in prompts.clone() {
+        tasks.push(actix_web::rt::spawn(async move {
+            let body =
+                json!({"messages": user(&p), "temperature": 0, "max_tokens": 12, "stream": true});
+            let r = post_json(batched_addr, CHAT, &body).await;
+            assert_eq!(r.header("x-cache"), Some("bypass"));
+            chat_stream_text(&r.text()).0.remove(0)
+        }));
+    }
+    for (t, expected) in tasks.into_iter().zip(&solo) {
+        assert_eq!(&t.await.unwrap(), expected);
+    }
+
+    // Deterministic repeat: a cache hit with the same bytes.
+    let body = json!({"messages": user(&prompts[0]), "temperature": 0, "max_tokens": 12});
+    let again = post_json(addr, CHAT, &body).await;
+    assert_eq!(again.header("x-cache"), Some("hit"));
+    assert_eq!(again.json()["choices"][0]["message"]["content"], solo[0]);
+
+    // Raw completions and chat-format errors from the tokenizer's rules.
+    let v = post_json(
+        addr,
+        "/v1/completions",
+        &json!({"prompt": "Once upon", "max_tokens": 5, "temperature": 0.7, "seed": 3}),
+    )
+    .await
+    .json();
+    assert_eq!(v["usage"]["prompt_tokens"], 10);
+    let bad =
+        json!({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]});
+    let r = post_json(addr, CHAT, &bad).await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.json()["error"]["param"], "messages");
+    // Longer than the 256-token context.
+    let r = post_json(addr, CHAT, &json!({"messages": user(&"x".repeat(300))})).await;
+    assert_eq!(r.json()["error"]["code"], "context_length_exceeded");
+}
+
+#[test]
+fn loading_a_directory_without_a_model_says_what_is_missing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let err = load_model_dir(tmp.path())
+        .err()
+        .expect("no model")
+        .to_string();
+    assert!(
+        err.contains("no checkpoint found") && err.contains("model.safetensors"),
+        "{err}"
+    );
+    let tokenizer = Tokenizer::nanochat("bytes", (0..=255u8).map(|b| vec![b]).collect()).unwrap();
+    let cfg = GptConfig::from_depth(1, 300, 64).unwrap();
+    Gpt::new(cfg, 1)
+        .unwrap()
+        .save_checkpoint(tmp.path(), &CheckpointMeta::new(0))
+        .unwrap();
+    let err = load_model_dir(tmp.path())
+        .err()
+        .expect("no tokenizer")
+        .to_string();
+    assert!(err.contains("no tokenizer found"), "{err}");
+    tokenizer.save(tmp.path()).unwrap();
+    assert!(load_model_dir(tmp.path()).is_ok());
+}
