@@ -2,7 +2,10 @@
 //! recipe, learning-rate schedules, the training loop, checkpoints and exact resume.
 #![warn(missing_docs)]
 
+pub mod chat_stage;
 pub mod optim;
+pub mod schedule;
+pub mod trainer;
 
 /// Errors of the training library.
 #[derive(Debug, thiserror::Error)]
@@ -20,4 +23,29 @@ pub enum TrainError {
     /// Misuse of an optimizer or a failure inside one.
     #[error("optimizer: {0}")]
     Optimizer(String),
+    /// Invalid configuration.
+    #[error("config: {0}")]
+    Config(String),
+    /// Reading or writing a file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A checkpoint exists but cannot be used.
+    #[error("checkpoint {path}: {reason}")]
+    Checkpoint {
+        /// The checkpoint file or directory.
+        path: std::path::PathBuf,
+        /// Why it cannot be used.
+        reason: String,
+    },
+    /// The model failed (shapes, non-finite loss, checkpoint I/O).
+    #[error(transparent)]
+    Model(#[from] nanochat_model::ModelError),
+    /// The data pipeline failed.
+    #[error(transparent)]
+    Data(#[from] nanochat_data::DataError),
 }

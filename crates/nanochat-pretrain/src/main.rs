@@ -1,0 +1,161 @@
+//! `nanochat-pretrain --config FILE.toml --input corpus=DIR --input tokenizer=DIR --out DIR --work DIR`
+//!
+//! Trains a base model from scratch on the corpus shards (every shard but the last is training
+//! data, the last is validation), and publishes `model/` (safetensors + config + meta),
+//! `metrics.jsonl` and `summary.json`. SIGINT/SIGTERM save a checkpoint into `--work` and exit
+//! 130/143; rerunning resumes bit-identically.
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use nanochat_artifacts::stage::{self, StageArgs, StageContext};
+use nanochat_data::packer::LoaderSpec;
+use nanochat_data::{list_shards, PretrainLoader, Split};
+use nanochat_model::{CheckpointMeta, Gpt, GptConfig};
+use nanochat_tokenizer::Tokenizer;
+use nanochat_train::trainer::{train, BatchSource, LoopConfig, Outcome, RunDirs, TrainJob};
+use nanochat_train::TrainError;
+use serde::Deserialize;
+
+/// The stage config.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Config {
+    /// Model shape.
+    model: ModelSection,
+    /// Data loading.
+    #[serde(default)]
+    data: DataSection,
+    /// The training loop.
+    train: LoopConfig,
+    /// Seed of the weight initialisation.
+    #[serde(default)]
+    seed: u64,
+    /// Worker threads (0: all cores). Resume is bit-identical only with the same count.
+    #[serde(default)]
+    threads: usize,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ModelSection {
+    /// Transformer depth; width is 64·depth (nanochat's sizing rule).
+    depth: usize,
+    /// Context length of training sequences.
+    sequence_len: usize,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DataSection {
+    /// Batches prepared ahead by the loader thread.
+    #[serde(default = "default_prefetch")]
+    prefetch: usize,
+}
+
+impl Default for DataSection {
+    fn default() -> Self {
+        DataSection {
+            prefetch: default_prefetch(),
+        }
+    }
+}
+
+fn default_prefetch() -> usize {
+    4
+}
+
+fn main() {
+    let code = match run() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("nanochat-pretrain: error: {e:#}");
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+fn run() -> Result<i32> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    stage::install_signal_handlers()?;
+    let ctx = StageContext::new(StageArgs::parse())?;
+    let cfg: Config = ctx.config()?;
+    if cfg.threads > 0 {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(cfg.threads)
+            .build_global()
+            .context("configuring the thread pool")?;
+    }
+    let tok_dir = ctx.input("tokenizer")?;
+    let tokenizer = Arc::new(
+        Tokenizer::load(tok_dir)
+            .with_context(|| format!("loading tokenizer from {}", tok_dir.display()))?,
+    );
+    let corpus = ctx.input("corpus")?.to_path_buf();
+    let train_shards = list_shards(&corpus, Split::Train)?;
+    let val_shards = list_shards(&corpus, Split::Val)?;
+    let mcfg = GptConfig::from_depth(
+        cfg.model.depth,
+        tokenizer.vocab_size() as usize,
+        cfg.model.sequence_len,
+    )
+    .with_context(|| format!("model section of {}", ctx.config_path().display()))?;
+    tracing::info!(?mcfg, params = mcfg.num_params(), "model");
+    let model = Gpt::new(mcfg, cfg.seed)?;
+    let b = cfg.train.device_batch_size;
+    let t = cfg.model.sequence_len;
+    let spec = |shards: Vec<std::path::PathBuf>| LoaderSpec {
+        shards,
+        b,
+        t,
+        rank: 0,
+        world_size: 1,
+        prefetch: cfg.data.prefetch,
+    };
+    let mut make_train = |state| -> Result<Box<dyn BatchSource>, TrainError> {
+        Ok(Box::new(PretrainLoader::start(
+            spec(train_shards.clone()),
+            tokenizer.clone(),
+            state,
+        )?))
+    };
+    let mut make_val = || -> Result<Box<dyn BatchSource>, TrainError> {
+        Ok(Box::new(PretrainLoader::start(
+            spec(val_shards.clone()),
+            tokenizer.clone(),
+            None,
+        )?))
+    };
+    let job = TrainJob {
+        cfg: &cfg.train,
+        units_per_micro: b * t,
+        tokenizer: &tokenizer,
+        dirs: RunDirs {
+            work: ctx.work_dir().to_path_buf(),
+            out: ctx.out_dir().to_path_buf(),
+        },
+        meta: CheckpointMeta::new(0),
+        interrupted: &stage::interrupted,
+    };
+    match train(job, model, &mut make_train, &mut make_val)? {
+        Outcome::Finished {
+            val_bpb,
+            train_loss,
+        } => {
+            tracing::info!(?val_bpb, train_loss, "pretraining done");
+            Ok(0)
+        }
+        Outcome::Interrupted { step } => {
+            tracing::warn!(step, "stopped by signal; rerun to resume");
+            Ok(stage::interrupt_exit_code().unwrap_or(130))
+        }
+    }
+}

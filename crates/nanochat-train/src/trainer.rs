@@ -1,0 +1,748 @@
+//! The training loop shared by the pretrain, midtrain and SFT stages.
+//!
+//! Gradient accumulation to a total batch, the reference LR schedule and Muon momentum warmup,
+//! optional gradient clipping, validation bits-per-byte and greedy samples every N steps,
+//! metrics as JSONL plus tracing and an indicatif bar, and checkpoints (weights, optimizer
+//! state, data position, step) written atomically into the stage's work dir every N steps and
+//! on interruption. A run resumes from the newest checkpoint that loads, skipping broken ones
+//! with a warning; with the same thread count the result is bit-identical to an uninterrupted
+//! run, because every piece of state that influences the weights is saved exactly.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use nanochat_data::chat_batches::{PaddedBatches, StreamBatches};
+use nanochat_data::{Batch, DataError, PackerState, PretrainLoader};
+use nanochat_model::{load_checkpoint, save_checkpoint, CheckpointMeta, Gpt, ParamMut, Reduction};
+use nanochat_tokenizer::Tokenizer;
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype, SafeTensors};
+use serde::{Deserialize, Serialize};
+
+use crate::optim::{
+    clip_grad_norm, grad_norm, muon_momentum_at, NanochatOptimizer, OptimizerMeta,
+    OptimizerSettings,
+};
+use crate::schedule::LrSchedule;
+use crate::TrainError;
+
+/// Anything that yields training batches.
+pub trait BatchSource: Send {
+    /// The next batch.
+    fn next_batch(&mut self) -> Result<Batch, DataError>;
+}
+
+impl BatchSource for PretrainLoader {
+    fn next_batch(&mut self) -> Result<Batch, DataError> {
+        PretrainLoader::next_batch(self)
+    }
+}
+impl BatchSource for StreamBatches {
+    fn next_batch(&mut self) -> Result<Batch, DataError> {
+        StreamBatches::next_batch(self)
+    }
+}
+impl BatchSource for PaddedBatches {
+    fn next_batch(&mut self) -> Result<Batch, DataError> {
+        PaddedBatches::next_batch(self)
+    }
+}
+
+fn d_0() -> f64 {
+    0.0
+}
+fn d_02() -> f64 {
+    0.2
+}
+fn d_1() -> f64 {
+    1.0
+}
+fn d_emb() -> f32 {
+    0.2
+}
+fn d_unemb() -> f32 {
+    0.004
+}
+fn d_matrix() -> f32 {
+    0.02
+}
+fn d_true() -> bool {
+    true
+}
+fn d_eval_batches() -> usize {
+    4
+}
+fn d_sample_tokens() -> usize {
+    16
+}
+fn d_log_every() -> u64 {
+    1
+}
+
+/// Settings of the training loop (the `[train]` table of every training stage's config).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoopConfig {
+    /// Rows per micro-batch (sequences for pretrain/midtrain, conversations for SFT).
+    pub device_batch_size: usize,
+    /// Units per optimizer step: tokens (pretrain, midtrain) or conversations (SFT); must be a
+    /// multiple of one micro-batch. Gradient accumulation makes up the difference.
+    pub total_batch_size: usize,
+    /// Optimizer steps to run.
+    pub num_iterations: u64,
+    /// AdamW lr of the token embedding, before the 1/√(d_model/768) scaling.
+    #[serde(default = "d_emb")]
+    pub embedding_lr: f32,
+    /// AdamW lr of the lm_head, before the scaling.
+    #[serde(default = "d_unemb")]
+    pub unembedding_lr: f32,
+    /// Muon lr of the block matrices.
+    #[serde(default = "d_matrix")]
+    pub matrix_lr: f32,
+    /// AdamW weight decay.
+    #[serde(default)]
+    pub weight_decay: f32,
+    /// Emulate the reference's bf16 Newton–Schulz (true) or run it in f32.
+    #[serde(default = "d_true")]
+    pub muon_bf16: bool,
+    /// Multiplies every initial lr (nanochat's mid/SFT stages start from a fraction).
+    #[serde(default = "d_1")]
+    pub init_lr_frac: f64,
+    /// Clip the global gradient norm to this (0 disables clipping).
+    #[serde(default)]
+    pub grad_clip: f32,
+    /// Fraction of steps of linear LR warmup.
+    #[serde(default = "d_0")]
+    pub warmup_ratio: f64,
+    /// Fraction of steps (at the end) of linear LR warmdown.
+    #[serde(default = "d_02")]
+    pub warmdown_ratio: f64,
+    /// LR multiplier at the last step.
+    #[serde(default = "d_0")]
+    pub final_lr_frac: f64,
+    /// Evaluate validation bits-per-byte every this many steps (0: only at the end).
+    #[serde(default)]
+    pub eval_every: u64,
+    /// Validation micro-batches per evaluation.
+    #[serde(default = "d_eval_batches")]
+    pub eval_batches: usize,
+    /// Print greedy samples every this many steps (0: only at the end).
+    #[serde(default)]
+    pub sample_every: u64,
+    /// Prompts for the samples (none: no samples).
+    #[serde(default)]
+    pub sample_prompts: Vec<String>,
+    /// Tokens generated per sample.
+    #[serde(default = "d_sample_tokens")]
+    pub sample_tokens: usize,
+    /// Checkpoint into the work dir every this many steps (0: only when interrupted).
+    #[serde(default)]
+    pub save_every: u64,
+    /// Write a metrics line every this many steps.
+    #[serde(default = "d_log_every")]
+    pub log_every: u64,
+    /// Peak FLOP/s of the machine, for MFU (0: MFU not reported).
+    #[serde(default)]
+    pub peak_flops: f64,
+}
+
+impl LoopConfig {
+    /// Checks the fields that do not depend on the model.
+    pub fn validate(&self, units_per_micro: usize) -> Result<usize, TrainError> {
+        let bad = |m: String| Err(TrainError::Config(m));
+        if self.device_batch_size == 0 || units_per_micro == 0 {
+            return bad("device_batch_size must be ≥ 1".into());
+        }
+        if self.total_batch_size == 0 || !self.total_batch_size.is_multiple_of(units_per_micro) {
+            return bad(format!(
+                "total_batch_size {} must be a positive multiple of one micro-batch ({units_per_micro})",
+                self.total_batch_size
+            ));
+        }
+        if self.num_iterations == 0 {
+            return bad("num_iterations must be ≥ 1".into());
+        }
+        for (name, v) in [
+            ("warmup_ratio", self.warmup_ratio),
+            ("warmdown_ratio", self.warmdown_ratio),
+            ("final_lr_frac", self.final_lr_frac),
+        ] {
+            if !(0.0..=1.0).contains(&v) {
+                return bad(format!("{name} must be in [0, 1], got {v}"));
+            }
+        }
+        if self.warmup_ratio + self.warmdown_ratio > 1.0 {
+            return bad("warmup_ratio + warmdown_ratio must be ≤ 1".into());
+        }
+        Ok(self.total_batch_size / units_per_micro)
+    }
+
+    fn optimizer_settings(&self) -> OptimizerSettings {
+        let f = self.init_lr_frac as f32;
+        OptimizerSettings {
+            embedding_lr: self.embedding_lr * f,
+            unembedding_lr: self.unembedding_lr * f,
+            matrix_lr: self.matrix_lr * f,
+            weight_decay: self.weight_decay,
+            muon_bf16: self.muon_bf16,
+        }
+    }
+}
+
+/// Loop state saved with every checkpoint.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Optimizer steps completed.
+    pub step: u64,
+    /// Data position after the last consumed batch.
+    pub data: Option<PackerState>,
+    /// Optimizer scalars.
+    pub optimizer: Option<OptimizerMeta>,
+    /// EMA of the training loss (debiased when reported).
+    pub smooth_loss: f64,
+    /// Seconds spent in training steps.
+    pub train_seconds: f64,
+    /// Best validation bits-per-byte seen.
+    pub min_val_bpb: Option<f64>,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// All steps ran; the final model is in the out dir.
+    Finished {
+        /// Last validation bits-per-byte.
+        val_bpb: Option<f64>,
+        /// Last smoothed training loss.
+        train_loss: f64,
+    },
+    /// Stopped by a signal after saving a checkpoint at this step.
+    Interrupted {
+        /// Step of the saved checkpoint.
+        step: u64,
+    },
+}
+
+/// One metrics line (`metrics.jsonl`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MetricsLine {
+    /// Optimizer step just completed.
+    pub step: u64,
+    /// Mean training loss of the step's micro-batches.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loss: Option<f64>,
+    /// LR multiplier used.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lr_mult: Option<f64>,
+    /// Global gradient norm (before clipping).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grad_norm: Option<f64>,
+    /// Training throughput.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tok_per_s: Option<f64>,
+    /// Model FLOPs utilisation (when `peak_flops` is set).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mfu: Option<f64>,
+    /// Validation bits per byte.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val_bpb: Option<f64>,
+}
+
+/// Where a run keeps its files.
+#[derive(Debug, Clone)]
+pub struct RunDirs {
+    /// Persistent per-stage dir for checkpoints and metrics in progress.
+    pub work: PathBuf,
+    /// Output dir: `model/` (checkpoint), `metrics.jsonl`, `summary.json`.
+    pub out: PathBuf,
+}
+
+const CKPT_PREFIX: &str = "ckpt-";
+const STATE_FILE: &str = "train_state.json";
+const OPTIM_FILE: &str = "optim.safetensors";
+const METRICS_FILE: &str = "metrics.jsonl";
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
+    move |source| TrainError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Writes `bytes` to `path` durably (temp file + fsync + rename).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+    f.write_all(bytes).map_err(io(&tmp))?;
+    f.sync_all().map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(v.len() * 4);
+    for x in v {
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out
+}
+
+fn save_training_checkpoint(
+    work: &Path,
+    model: &Gpt,
+    opt: &NanochatOptimizer,
+    state: &TrainState,
+    meta: &CheckpointMeta,
+) -> Result<PathBuf, TrainError> {
+    let final_dir = work.join(format!("{CKPT_PREFIX}{:08}", state.step));
+    let tmp = work.join(format!(".tmp-{CKPT_PREFIX}{:08}", state.step));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+    let mut m = meta.clone();
+    m.step = state.step;
+    save_checkpoint(model, &tmp.join("model"), &m)?;
+    let tensors = opt.state_tensors();
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(n, s, d)| (n.clone(), s.clone(), f32_bytes(d)))
+        .collect();
+    let views = bytes
+        .iter()
+        .map(|(n, s, b)| {
+            TensorView::new(Dtype::F32, s.clone(), b)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| TrainError::Config(format!("optimizer tensor {n}: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let st = safetensors::serialize(views, &None)
+        .map_err(|e| TrainError::Config(format!("serializing optimizer state: {e}")))?;
+    write_atomic(&tmp.join(OPTIM_FILE), &st)?;
+    let mut s = state.clone();
+    s.optimizer = Some(opt.meta());
+    let json = serde_json::to_vec_pretty(&s).map_err(|e| TrainError::Config(e.to_string()))?;
+    // Written last: a checkpoint dir without it is incomplete.
+    write_atomic(&tmp.join(STATE_FILE), &json)?;
+    if final_dir.exists() {
+        std::fs::remove_dir_all(&final_dir).map_err(io(&final_dir))?;
+    }
+    std::fs::rename(&tmp, &final_dir).map_err(io(&final_dir))?;
+    if let Ok(d) = std::fs::File::open(work) {
+        let _ = d.sync_all();
+    }
+    // Keep the two newest: one good fallback if the newest is damaged later.
+    let mut all = list_checkpoints(work);
+    all.sort();
+    let n = all.len();
+    for old in all.into_iter().take(n.saturating_sub(2)) {
+        let _ = std::fs::remove_dir_all(old);
+    }
+    Ok(final_dir)
+}
+
+fn list_checkpoints(work: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(work) {
+        for e in rd.flatten() {
+            let name = e.file_name();
+            if name.to_string_lossy().starts_with(CKPT_PREFIX) && e.path().is_dir() {
+                out.push(e.path());
+            }
+        }
+    }
+    out
+}
+
+struct Loaded {
+    model: Gpt,
+    state: TrainState,
+    optim: Vec<u8>,
+}
+
+fn load_training_checkpoint(dir: &Path) -> Result<Loaded, TrainError> {
+    let state_path = dir.join(STATE_FILE);
+    let text = std::fs::read(&state_path).map_err(io(&state_path))?;
+    let state: TrainState = serde_json::from_slice(&text).map_err(|e| TrainError::Checkpoint {
+        path: state_path.clone(),
+        reason: e.to_string(),
+    })?;
+    let (model, _) = load_checkpoint(&dir.join("model"))?;
+    let optim_path = dir.join(OPTIM_FILE);
+    let optim = std::fs::read(&optim_path).map_err(io(&optim_path))?;
+    SafeTensors::deserialize(&optim).map_err(|e| TrainError::Checkpoint {
+        path: optim_path.clone(),
+        reason: e.to_string(),
+    })?;
+    Ok(Loaded {
+        model,
+        state,
+        optim,
+    })
+}
+
+fn restore_optimizer(
+    opt: &mut NanochatOptimizer,
+    meta: &OptimizerMeta,
+    bytes: &[u8],
+    origin: &Path,
+) -> Result<(), TrainError> {
+    let st = SafeTensors::deserialize(bytes).map_err(|e| TrainError::Checkpoint {
+        path: origin.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    opt.restore(meta, |name| {
+        st.tensor(name)
+            .ok()
+            .filter(|t| t.dtype() == Dtype::F32)
+            .map(|t| {
+                t.data()
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect()
+            })
+    })
+}
+
+/// Validation bits per byte over `batches` batches: summed nats of the targets that are real
+/// text (special tokens, whose byte length is 0, are left out) over their UTF-8 bytes.
+pub fn evaluate_bpb(
+    model: &mut Gpt,
+    val: &mut dyn BatchSource,
+    batches: usize,
+    token_bytes: &[u32],
+) -> Result<f64, TrainError> {
+    let mut nats = 0.0f64;
+    let mut bytes = 0u64;
+    for _ in 0..batches {
+        let b = val.next_batch()?;
+        let mut targets = b.targets.clone();
+        for t in targets.iter_mut() {
+            if *t >= 0 {
+                let nb = token_bytes.get(*t as usize).copied().unwrap_or(0);
+                if nb == 0 {
+                    *t = -1;
+                } else {
+                    bytes += u64::from(nb);
+                }
+            }
+        }
+        if targets.iter().all(|&t| t < 0) {
+            continue;
+        }
+        nats += f64::from(model.loss(&b.inputs, &targets, b.b, b.t, Reduction::Sum)?);
+    }
+    if bytes == 0 {
+        return Err(TrainError::Config(
+            "validation batches contain no text bytes".into(),
+        ));
+    }
+    Ok(nats / (std::f64::consts::LN_2 * bytes as f64))
+}
+
+/// Greedy continuation of `prompt` (no KV cache: fine for short samples during training).
+pub fn greedy_sample(model: &Gpt, prompt: &[u32], max_new: usize) -> Result<Vec<u32>, TrainError> {
+    let vocab = model.config().vocab_size;
+    let max_len = model.config().sequence_len;
+    let mut ids = prompt.to_vec();
+    for _ in 0..max_new {
+        let start = ids.len().saturating_sub(max_len);
+        let window = &ids[start..];
+        let logits = model.logits(window, 1, window.len())?;
+        let last = &logits[(window.len() - 1) * vocab..window.len() * vocab];
+        let mut best = 0usize;
+        for (i, &v) in last.iter().enumerate() {
+            if v > last[best] {
+                best = i;
+            }
+        }
+        ids.push(best as u32);
+    }
+    Ok(ids[prompt.len()..].to_vec())
+}
+
+/// Everything a stage hands the loop.
+pub struct TrainJob<'a> {
+    /// Loop settings.
+    pub cfg: &'a LoopConfig,
+    /// Tokens (pretrain/midtrain) or conversations (SFT) in one micro-batch.
+    pub units_per_micro: usize,
+    /// Tokenizer (samples, bits-per-byte).
+    pub tokenizer: &'a Tokenizer,
+    /// Work and output dirs.
+    pub dirs: RunDirs,
+    /// Metadata written into every checkpoint (tokenizer id, parent artifact).
+    pub meta: CheckpointMeta,
+    /// True once the stage should save and stop (SIGINT/SIGTERM).
+    pub interrupted: &'a (dyn Fn() -> bool + Sync),
+}
+
+/// Runs (or resumes) training of `model`. `make_train(state)` builds the training batch source
+/// at a saved data position (`None`: the start); `make_val()` builds a fresh validation source.
+pub fn train(
+    job: TrainJob<'_>,
+    model: Gpt,
+    make_train: &mut dyn FnMut(Option<PackerState>) -> Result<Box<dyn BatchSource>, TrainError>,
+    make_val: &mut dyn FnMut() -> Result<Box<dyn BatchSource>, TrainError>,
+) -> Result<Outcome, TrainError> {
+    let cfg = job.cfg;
+    let accum = cfg.validate(job.units_per_micro)?;
+    std::fs::create_dir_all(&job.dirs.work).map_err(io(&job.dirs.work))?;
+    std::fs::create_dir_all(&job.dirs.out).map_err(io(&job.dirs.out))?;
+
+    // Resume from the newest checkpoint that loads.
+    let mut model = model;
+    let mut state = TrainState::default();
+    let mut saved_optim: Option<(Vec<u8>, PathBuf)> = None;
+    let mut ckpts = list_checkpoints(&job.dirs.work);
+    ckpts.sort();
+    for dir in ckpts.iter().rev() {
+        match load_training_checkpoint(dir) {
+            Ok(l) => {
+                if l.model.config() != model.config() {
+                    return Err(TrainError::Checkpoint {
+                        path: dir.clone(),
+                        reason: "model config differs from this run's config".into(),
+                    });
+                }
+                tracing::info!(step = l.state.step, dir = %dir.display(), "resuming from checkpoint");
+                model = l.model;
+                state = l.state;
+                saved_optim = Some((l.optim, dir.join(OPTIM_FILE)));
+                break;
+            }
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "skipping unreadable checkpoint")
+            }
+        }
+    }
+
+    let specs: Vec<(String, Vec<usize>)> = model
+        .param_specs()
+        .iter()
+        .map(|s| (s.name.clone(), s.shape.to_vec()))
+        .collect();
+    let mut opt = NanochatOptimizer::new(
+        specs.iter().map(|(n, s)| (n.as_str(), s.as_slice())),
+        model.config().n_embd,
+        cfg.optimizer_settings(),
+    )?;
+    if let Some((bytes, origin)) = &saved_optim {
+        let meta = state
+            .optimizer
+            .clone()
+            .ok_or_else(|| TrainError::Checkpoint {
+                path: origin.clone(),
+                reason: "train state lacks optimizer metadata".into(),
+            })?;
+        restore_optimizer(&mut opt, &meta, bytes, origin)?;
+    }
+
+    // Metrics: keep only lines up to the resumed step so a resumed run's file matches.
+    let metrics_path = job.dirs.work.join(METRICS_FILE);
+    let mut kept = String::new();
+    if let Ok(text) = std::fs::read_to_string(&metrics_path) {
+        for line in text.lines() {
+            if let Ok(m) = serde_json::from_str::<MetricsLine>(line) {
+                if m.step <= state.step {
+                    kept.push_str(line);
+                    kept.push('\n');
+                }
+            }
+        }
+    }
+    write_atomic(&metrics_path, kept.as_bytes())?;
+    let mut metrics = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&metrics_path)
+        .map_err(io(&metrics_path))?;
+    let mut log = |m: &MetricsLine| -> Result<(), TrainError> {
+        let line = serde_json::to_string(m).map_err(|e| TrainError::Config(e.to_string()))?;
+        writeln!(metrics, "{line}").map_err(io(&metrics_path))
+    };
+
+    let schedule = LrSchedule {
+        num_iterations: cfg.num_iterations,
+        warmup_ratio: cfg.warmup_ratio,
+        warmdown_ratio: cfg.warmdown_ratio,
+        final_lr_frac: cfg.final_lr_frac,
+    };
+    let token_bytes = job.tokenizer.token_bytes().to_vec();
+    let flops_per_token = model.config().flops_per_token();
+    let mut train_src = make_train(state.data.clone())?;
+    let bar = indicatif::ProgressBar::new(cfg.num_iterations);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps (eta {eta}) {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_position(state.step);
+    let mut last_val: Option<f64> = None;
+
+    let mut do_eval =
+        |model: &mut Gpt, step: u64, state: &mut TrainState| -> Result<f64, TrainError> {
+            let mut val = make_val()?;
+            let bpb = evaluate_bpb(model, val.as_mut(), cfg.eval_batches, &token_bytes)?;
+            state.min_val_bpb = Some(state.min_val_bpb.map_or(bpb, |m| m.min(bpb)));
+            tracing::info!(step, val_bpb = bpb, "validation");
+            Ok(bpb)
+        };
+    let sample = |model: &Gpt, step: u64| -> Result<(), TrainError> {
+        for p in &cfg.sample_prompts {
+            let mut ids = vec![job.tokenizer.bos_id()];
+            ids.extend(job.tokenizer.encode(p));
+            let out = greedy_sample(model, &ids, cfg.sample_tokens)?;
+            tracing::info!(step, "sample: {p}{}", job.tokenizer.decode(&out));
+        }
+        Ok(())
+    };
+
+    while state.step < cfg.num_iterations {
+        if (job.interrupted)() {
+            let dir = save_training_checkpoint(&job.dirs.work, &model, &opt, &state, &job.meta)?;
+            tracing::warn!(step = state.step, dir = %dir.display(), "interrupted: checkpoint saved");
+            bar.abandon();
+            return Ok(Outcome::Interrupted { step: state.step });
+        }
+        let step = state.step;
+        if cfg.eval_every > 0 && step % cfg.eval_every == 0 {
+            let bpb = do_eval(&mut model, step, &mut state)?;
+            last_val = Some(bpb);
+            log(&MetricsLine {
+                step,
+                loss: None,
+                lr_mult: None,
+                grad_norm: None,
+                tok_per_s: None,
+                mfu: None,
+                val_bpb: Some(bpb),
+            })?;
+        }
+        if cfg.sample_every > 0 && step > 0 && step % cfg.sample_every == 0 {
+            sample(&model, step)?;
+        }
+
+        let t0 = Instant::now();
+        model.zero_grad()?;
+        let mut loss_sum = 0.0f64;
+        let mut tokens = 0usize;
+        let mut last_data = None;
+        for _ in 0..accum {
+            let batch = train_src.next_batch()?;
+            let loss = model.forward_backward_scaled(
+                &batch.inputs,
+                &batch.targets,
+                batch.b,
+                batch.t,
+                Reduction::Mean,
+                1.0 / accum as f32,
+            )?;
+            loss_sum += f64::from(loss);
+            tokens += batch.b * batch.t;
+            last_data = Some(batch.state);
+        }
+        let lrm = schedule.multiplier(step);
+        opt.set_muon_momentum(muon_momentum_at(step));
+        let norm = {
+            let mut pm = model.params_mut();
+            let mut ps: Vec<ParamMut<'_>> = pm.iter_mut().collect();
+            let norm = if cfg.grad_clip > 0.0 {
+                clip_grad_norm(ps.iter_mut().map(|p| &mut *p.grad), cfg.grad_clip)
+            } else {
+                grad_norm(ps.iter().map(|p| &*p.grad))
+            };
+            opt.step(
+                lrm as f32,
+                ps.into_iter().map(|p| {
+                    let g: &[f32] = p.grad;
+                    (p.name, p.data, g)
+                }),
+            )?;
+            norm
+        };
+        let dt = t0.elapsed().as_secs_f64();
+        state.step += 1;
+        state.data = last_data;
+        state.train_seconds += dt;
+        let loss = loss_sum / accum as f64;
+        state.smooth_loss = 0.9 * state.smooth_loss + 0.1 * loss;
+        let debiased = state.smooth_loss / (1.0 - 0.9f64.powi(state.step.min(10_000) as i32));
+        let tok_per_s = tokens as f64 / dt.max(1e-9);
+        let mfu = (cfg.peak_flops > 0.0).then(|| flops_per_token * tok_per_s / cfg.peak_flops);
+        bar.set_position(state.step);
+        bar.set_message(format!("loss {debiased:.4} | {tok_per_s:.0} tok/s"));
+        if cfg.log_every > 0
+            && (state.step % cfg.log_every == 0 || state.step == cfg.num_iterations)
+        {
+            tracing::debug!(
+                step = state.step,
+                loss,
+                lr_mult = lrm,
+                grad_norm = norm,
+                tok_per_s,
+                "step"
+            );
+            log(&MetricsLine {
+                step: state.step,
+                loss: Some(loss),
+                lr_mult: Some(lrm),
+                grad_norm: Some(f64::from(norm)),
+                tok_per_s: Some(tok_per_s),
+                mfu,
+                val_bpb: None,
+            })?;
+        }
+        if cfg.save_every > 0 && state.step % cfg.save_every == 0 && state.step < cfg.num_iterations
+        {
+            save_training_checkpoint(&job.dirs.work, &model, &opt, &state, &job.meta)?;
+        }
+        // Fault injection for the crash-resume tests: die without any cleanup after this step.
+        if std::env::var("NANOCHAT_TEST_ABORT_AT_STEP")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            == Some(state.step)
+        {
+            std::process::abort();
+        }
+    }
+    bar.finish();
+
+    let bpb = do_eval(&mut model, state.step, &mut state)?;
+    last_val = Some(bpb).or(last_val);
+    log(&MetricsLine {
+        step: state.step,
+        loss: None,
+        lr_mult: None,
+        grad_norm: None,
+        tok_per_s: None,
+        mfu: None,
+        val_bpb: Some(bpb),
+    })?;
+    sample(&model, state.step)?;
+
+    // Publish: model checkpoint, metrics, summary.
+    let mut meta = job.meta.clone();
+    meta.step = state.step;
+    meta.loss = Some(state.smooth_loss / (1.0 - 0.9f64.powi(state.step.min(10_000) as i32)));
+    save_checkpoint(&model, &job.dirs.out.join("model"), &meta)?;
+    std::fs::copy(&metrics_path, job.dirs.out.join(METRICS_FILE)).map_err(io(&metrics_path))?;
+    let summary = serde_json::json!({
+        "step": state.step,
+        "train_loss": meta.loss,
+        "val_bpb": last_val,
+        "min_val_bpb": state.min_val_bpb,
+        "train_seconds": state.train_seconds,
+        "config": cfg,
+    });
+    write_atomic(
+        &job.dirs.out.join("summary.json"),
+        serde_json::to_string_pretty(&summary)
+            .map_err(|e| TrainError::Config(e.to_string()))?
+            .as_bytes(),
+    )?;
+    Ok(Outcome::Finished {
+        val_bpb: last_val,
+        train_loss: meta.loss.unwrap_or(f64::NAN),
+    })
+}
