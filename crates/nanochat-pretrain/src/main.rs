@@ -99,7 +99,11 @@ fn run() -> Result<i32> {
         Tokenizer::load(tok_dir)
             .with_context(|| format!("loading tokenizer from {}", tok_dir.display()))?,
     );
-    let corpus = ctx.input("corpus")?.to_path_buf();
+    // A data-stage artifact holds `corpus/`; a plain shard directory works too.
+    let mut corpus = ctx.input("corpus")?.to_path_buf();
+    if corpus.join("corpus").is_dir() {
+        corpus = corpus.join("corpus");
+    }
     let train_shards = list_shards(&corpus, Split::Train)?;
     let val_shards = list_shards(&corpus, Split::Val)?;
     let mcfg = GptConfig::from_depth(

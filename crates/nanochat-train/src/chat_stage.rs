@@ -91,7 +91,11 @@ pub fn run_chat_stage(kind: ChatStageKind, ctx: &StageContext) -> Result<i32, Tr
             .map_err(|e| TrainError::Config(format!("{}: {e}", tok_dir.display())))?,
     );
     let (model, parent) = load_checkpoint(&input("model")?.join("model"))?;
-    let chat = input("chat")?;
+    // A data-stage artifact holds `chat/`; a plain directory of task files works too.
+    let mut chat = input("chat")?;
+    if chat.join("chat").is_dir() {
+        chat = chat.join("chat");
+    }
     let train_task = mixture(&cfg.tasks, &chat, cfg.mixture_seed)?;
     let val_specs = if cfg.val_tasks.is_empty() {
         &cfg.tasks

@@ -629,7 +629,20 @@ pub fn train(
         let mut tokens = 0usize;
         let mut last_data = None;
         for _ in 0..accum {
-            let batch = train_src.next_batch()?;
+            // A batch whose targets are all masked (e.g. SFT rows cut before any assistant
+            // token) has no loss; skip it rather than fail the run.
+            let mut batch = train_src.next_batch()?;
+            let mut skipped = 0;
+            while batch.num_targets() == 0 {
+                skipped += 1;
+                if skipped > 1000 {
+                    return Err(TrainError::Config(
+                        "1000 consecutive batches without a trainable target: check max_tokens and the task data".into(),
+                    ));
+                }
+                tracing::warn!(step, "skipping a batch without trainable targets");
+                batch = train_src.next_batch()?;
+            }
             let loss = model.forward_backward_scaled(
                 &batch.inputs,
                 &batch.targets,

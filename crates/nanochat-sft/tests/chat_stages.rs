@@ -1,0 +1,114 @@
+//! Mid-training and SFT as processes on the embedded sample (data/sample/chat), starting from a
+//! tiny random base model: a few steps each, outputs published, bad task files named.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use nanochat_model::{save_checkpoint, CheckpointMeta, Gpt, GptConfig};
+use nanochat_tokenizer::Tokenizer;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Binaries of sibling crates live next to this test's own binary's target dir.
+fn bin(name: &str) -> PathBuf {
+    let sft = PathBuf::from(env!("CARGO_BIN_EXE_nanochat-sft"));
+    sft.with_file_name(name)
+}
+
+fn setup(dir: &Path) {
+    let tok = Tokenizer::nanochat("bytes", (0..=255u8).map(|b| vec![b]).collect()).unwrap();
+    tok.save(&dir.join("tokenizer")).unwrap();
+    let cfg = GptConfig::from_depth(1, tok.vocab_size() as usize, 64).unwrap();
+    let model = Gpt::new(cfg, 3).unwrap();
+    save_checkpoint(&model, &dir.join("base/model"), &CheckpointMeta::new(0)).unwrap();
+}
+
+const TASKS: &str = r#"
+[[tasks]]
+kind = "smoltalk"
+path = "smoltalk_train.jsonl.gz"
+stop = 40
+[[tasks]]
+kind = "gsm8k"
+path = "gsm8k_train.jsonl.gz"
+stop = 20
+[[tasks]]
+kind = "mmlu"
+path = "mmlu_dev.jsonl.gz"
+stop = 20
+[[tasks]]
+kind = "arc"
+path = "arc_easy_validation.jsonl.gz"
+stop = 20
+[[tasks]]
+kind = "custom_json"
+path = "identity.jsonl"
+[[tasks]]
+kind = "simple_spelling"
+words = "words.txt.gz"
+size = 20
+[[tasks]]
+kind = "spelling_bee"
+words = "words.txt.gz"
+size = 20
+"#;
+
+fn run(dir: &Path, binary: &str, config: &str, model: &str, out: &str) -> Output {
+    let cfg = dir.join(format!("{out}.toml"));
+    std::fs::write(&cfg, config).unwrap();
+    std::fs::create_dir_all(dir.join(out)).unwrap();
+    Command::new(bin(binary))
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--input")
+        .arg(format!("model={}", dir.join(model).display()))
+        .arg("--input")
+        .arg(format!("tokenizer={}", dir.join("tokenizer").display()))
+        .arg("--input")
+        .arg(format!(
+            "chat={}",
+            repo().join("data/sample/chat").display()
+        ))
+        .arg("--out")
+        .arg(dir.join(out))
+        .arg("--work")
+        .arg(dir.join(format!("{out}-work")))
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn midtrain_then_sft_on_the_sample_mixture() {
+    let d = tempfile::tempdir().unwrap();
+    setup(d.path());
+    let mid_cfg = format!(
+        "threads = 1\n[train]\ndevice_batch_size = 2\ntotal_batch_size = 128\nnum_iterations = 3\neval_batches = 1\n{TASKS}"
+    );
+    let o = run(d.path(), "nanochat-midtrain", &mid_cfg, "base", "mid");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(d.path().join("mid/model/model.safetensors").exists());
+
+    let sft_cfg = format!(
+        "threads = 1\nmax_tokens = 256\n[train]\ndevice_batch_size = 2\ntotal_batch_size = 4\nnum_iterations = 3\neval_batches = 1\n{TASKS}"
+    );
+    let o = run(d.path(), "nanochat-sft", &sft_cfg, "mid", "sft");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.path().join("sft/summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["step"], 3);
+    assert!(summary["val_bpb"].as_f64().unwrap().is_finite());
+}
+
+#[test]
+fn missing_task_file_is_named() {
+    let d = tempfile::tempdir().unwrap();
+    setup(d.path());
+    let cfg = "[train]\ndevice_batch_size = 1\ntotal_batch_size = 1\nnum_iterations = 1\n\
+               [[tasks]]\nkind = \"smoltalk\"\npath = \"no_such_file.jsonl\"\n";
+    let o = run(d.path(), "nanochat-sft", cfg, "base", "sft");
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("no_such_file.jsonl"), "{err}");
+}
