@@ -85,15 +85,28 @@ fn eval_binary_base_and_chat_modes() {
     );
     std::io::Write::write_all(&mut enc, &data).unwrap();
     enc.finish().unwrap();
+    let data = std::fs::read(testdata("chat_sample/gsm8k.jsonl")).unwrap();
+    let mut enc = flate2::write::GzEncoder::new(
+        std::fs::File::create(eval_dir.join("gsm8k_test.jsonl.gz")).unwrap(),
+        flate2::Compression::fast(),
+    );
+    std::io::Write::write_all(&mut enc, &data).unwrap();
+    enc.finish().unwrap();
     let out = root.path().join("chat_out");
-    let cfg =
-        format!("mode = \"chat\"\nlabel = \"sft\"\neval_dir = {eval_dir:?}\ntasks = [\"MMLU\"]\n");
+    let cfg = format!(
+        "mode = \"chat\"\nlabel = \"sft\"\neval_dir = {eval_dir:?}\ntasks = [\"MMLU\", \"GSM8K\"]\n\
+         max_new_tokens = 8\nexclude_gsm8k_overlap = \"never\"\n"
+    );
     let o = run_stage(&cfg, &model, &out, &root.path().join("work2"));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let m: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
     assert_eq!(m["chat"]["tasks"][0]["items"], 4);
     assert_eq!(m["label"], "sft");
+    // GSM8K through the real engine (random model: generates, grades, almost surely wrong)
+    assert_eq!(m["chat"]["tasks"][1]["task"], "GSM8K");
+    assert_eq!(m["chat"]["tasks"][1]["items"], 3);
+    assert_eq!(m["chat"]["tasks"][1]["errors"], 0);
     assert!(
         m["chat"]["chatcore"].is_null(),
         "ChatCORE needs all five tasks"

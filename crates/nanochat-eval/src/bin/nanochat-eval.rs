@@ -74,13 +74,16 @@ fn training_data_mentions(dirs: &[&Path]) -> Vec<String> {
     out
 }
 
+/// Greedy generation with the calculator tool, through nanochat-engine.
 fn make_generator(
-    _gpt: &Arc<nanochat_model::Gpt>,
-    _tokenizer: &Arc<Tokenizer>,
-    _max_batch: usize,
+    gpt: &Arc<nanochat_model::Gpt>,
+    tokenizer: &Arc<Tokenizer>,
+    max_batch: usize,
 ) -> Option<Box<dyn Generator>> {
-    let _ = EngineGenerator::<nanochat_engine::testing::FakeModel>::new;
-    None
+    Some(Box::new(EngineGenerator::new(
+        nanochat_engine::Engine::new(gpt.clone(), tokenizer.clone()),
+        max_batch,
+    )))
 }
 
 fn main() {
@@ -153,8 +156,6 @@ fn run() -> anyhow::Result<()> {
     let trained_on = training_data_mentions(&[model_root, &ckpt_dir]);
     tracing::info!(%description, ?trained_on, mode = ?cfg.mode, "evaluating");
     let gpt = Arc::new(gpt);
-    // Generation (GSM8K, HumanEval) goes through nanochat-engine once it implements its
-    // traits for Gpt/Tokenizer; until then those tasks report that a generator is missing.
     let generator: Option<Box<dyn Generator>> = match cfg.mode {
         EvalMode::Chat => make_generator(&gpt, &tokenizer, cfg.batch_size),
         EvalMode::Base => None,
