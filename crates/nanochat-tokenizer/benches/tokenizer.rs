@@ -76,15 +76,17 @@ fn main() {
         let joined = docs.join("\n");
         let (secs, ids) = best(reps, || tok.encode(&joined));
         println!(
-            "encode cl100k single call: {:.1} MB/s ({} tokens, {secs:.3} s, best of {reps})",
+            "encode cl100k single call: {:.1} MB/s ({} tokens, id sum {}, {secs:.3} s, best of {reps})",
             joined.len() as f64 / 1e6 / secs,
-            ids.len()
+            ids.len(),
+            ids.iter().map(|&i| i as u64).sum::<u64>()
         );
         let (secs, out) = best(reps, || tok.encode_batch(&docs));
         println!(
-            "encode cl100k batch: {:.1} MB/s ({} tokens, {secs:.3} s, best of {reps})",
+            "encode cl100k batch: {:.1} MB/s ({} tokens, id sum {}, {secs:.3} s, best of {reps})",
             mb / secs,
-            out.iter().map(|v| v.len()).sum::<usize>()
+            out.iter().map(|v| v.len()).sum::<usize>(),
+            out.iter().flatten().map(|&i| i as u64).sum::<u64>()
         );
     }
 }

@@ -10,6 +10,7 @@
 mod bpe;
 pub mod chat;
 pub mod corpus;
+pub mod eval;
 pub mod pretokenize;
 mod tokenizer;
 pub mod train;

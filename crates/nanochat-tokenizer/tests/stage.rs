@@ -1,0 +1,66 @@
+//! The `nanochat-tokenizer` stage binary end to end on a tiny corpus.
+
+use std::process::Command;
+
+fn run(config: &str, corpus: &std::path::Path, out: &std::path::Path) -> std::process::Output {
+    let dir = out.parent().unwrap();
+    let cfg = dir.join("config.toml");
+    std::fs::write(&cfg, config).unwrap();
+    let work = dir.join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    std::fs::create_dir_all(out).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_nanochat-tokenizer"))
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--input")
+        .arg(format!("corpus={}", corpus.display()))
+        .arg("--out")
+        .arg(out)
+        .arg("--work")
+        .arg(&work)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn trains_saves_and_evaluates() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("corpus");
+    std::fs::create_dir_all(&corpus).unwrap();
+    let mut lines = String::new();
+    for i in 0..200 {
+        let text =
+            format!("Document {i}: the quick brown fox jumps over the lazy dog. It's {i} o'clock!");
+        lines.push_str(&serde_json::json!({ "text": text }).to_string());
+        lines.push('\n');
+    }
+    std::fs::write(corpus.join("shard_00000.jsonl"), &lines).unwrap();
+    std::fs::write(corpus.join("notes.md"), "ignored").unwrap();
+    let out = dir.path().join("out");
+    let res = run("vocab_size = 320\ndoc_cap = 1000\n", &corpus, &out);
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let tok = nanochat_tokenizer::Tokenizer::load(&out).unwrap();
+    assert_eq!(tok.vocab_size(), 320);
+    assert_eq!(tok.bos_id(), 311);
+    let text = "the quick brown fox";
+    assert_eq!(tok.decode(&tok.encode(text)), text);
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("tok_eval.json")).unwrap()).unwrap();
+    assert!(report["rows"].as_array().unwrap().len() >= 6);
+    assert!(out.join("train_report.json").is_file());
+
+    // Unknown config keys are rejected and nothing is claimed to succeed.
+    let out2 = dir.path().join("out2");
+    let res = run("vocab_size = 320\nvocab = 1\n", &corpus, &out2);
+    assert!(!res.status.success());
+    // An empty corpus is a clear error.
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let res = run("vocab_size = 320\n", &empty, &dir.path().join("out3"));
+    assert!(!res.status.success());
+    assert!(String::from_utf8_lossy(&res.stderr).contains("no corpus files"));
+}
