@@ -37,7 +37,6 @@ docs/artifacts.md.";
     name = "nanochat-run",
     version,
     after_long_help = AFTER_HELP,
-    args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true
 )]
 struct Cli {

@@ -485,6 +485,14 @@ fn config_files_and_paths_win_over_names() {
         .is_some());
     env.run_ok(&["--store", "third", "pipelines/p.yaml"]);
     assert!(env.root().join("third/refs/latest/a").is_file());
+    // A global --store works before or after a subcommand.
+    for args in [
+        ["--store", "third", "status", "p"],
+        ["status", "--store", "third", "p"],
+    ] {
+        let st = env.run_ok(&args);
+        assert_eq!(status_of(&st, "a"), "cached", "{st}");
+    }
 }
 
 #[test]
