@@ -313,3 +313,19 @@ fn report_card_from_artifacts_and_comparison() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("not a directory"));
 }
+
+#[test]
+fn tiny_pipeline_eval_configs_parse_and_point_at_shipped_data() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    for name in ["base_eval", "mid_eval", "sft_eval"] {
+        let path = root.join(format!("configs/tiny/{name}.toml"));
+        let cfg: EvalConfig = toml::from_str(&std::fs::read_to_string(&path).unwrap())
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        for dir in [&cfg.core_dir, &cfg.eval_dir].into_iter().flatten() {
+            assert!(root.join(dir).is_dir(), "{name}: {} missing", dir.display());
+        }
+    }
+    let specs =
+        nanochat_eval::core::bundle::load_bundle(&root.join("data/eval-sample/core")).unwrap();
+    assert_eq!(specs.len(), 22);
+}
