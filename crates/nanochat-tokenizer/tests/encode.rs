@@ -102,3 +102,46 @@ fn decode_never_panics_and_specials_are_text() {
     assert_eq!(bytes, "é".as_bytes());
     assert_eq!(tok.decode(&ids[..1]).chars().count(), 1);
 }
+
+#[derive(serde::Deserialize)]
+struct OpenAiGolden {
+    texts: Vec<String>,
+    cl100k_base: Vec<Vec<u32>>,
+    o200k_base: Vec<Vec<u32>>,
+    r50k_base: Vec<Vec<u32>>,
+}
+
+/// Ids from tiktoken 0.14 on samples of the shared corpus/chat/eval data (shipped golden file);
+/// the vocabularies themselves come from ../shared.
+#[test]
+fn openai_vocabularies_match_tiktoken() {
+    let Some(shared) = common::shared("openai_vocabularies_match_tiktoken") else {
+        return;
+    };
+    let golden: OpenAiGolden = serde_json::from_slice(&common::read_maybe_gz(&common::data(
+        "openai_golden.json.gz",
+    )))
+    .unwrap();
+    for (enc, want) in [
+        (OpenAiEncoding::Cl100kBase, &golden.cl100k_base),
+        (OpenAiEncoding::O200kBase, &golden.o200k_base),
+        (OpenAiEncoding::R50kBase, &golden.r50k_base),
+    ] {
+        let tok = Tokenizer::from_openai_file(
+            &shared.join(format!("data/tokenizer/{}.tiktoken.gz", enc.name())),
+            enc,
+        )
+        .unwrap();
+        for (text, ids) in golden.texts.iter().zip(want) {
+            assert_eq!(
+                &tok.encode(text),
+                ids,
+                "{} on {:?}",
+                enc.name(),
+                text.chars().take(60).collect::<String>()
+            );
+            assert_eq!(&tok.decode(ids), text);
+        }
+        assert_eq!(&tok.encode_batch(&golden.texts), want);
+    }
+}
