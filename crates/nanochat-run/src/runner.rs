@@ -859,7 +859,7 @@ fn run_stage(
     if let Ok(mut f) = log.lock() {
         let _ = writeln!(
             f,
-            "# nanochat-run: exit {status} after {:.1}s",
+            "# nanochat-run: {status} after {:.1}s",
             duration.as_secs_f64()
         );
         let _ = f.sync_all();
