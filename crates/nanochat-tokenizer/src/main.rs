@@ -35,8 +35,11 @@ struct Config {
     /// File-name patterns (`*` and `?`) of the training shards inside the input.
     #[serde(default = "default_files")]
     files: Vec<String>,
+    /// File-name patterns never trained on (held-out shards).
+    #[serde(default = "default_val")]
+    exclude: Vec<String>,
     /// File-name patterns of held-out shards, evaluated as `val` (first file only).
-    #[serde(default)]
+    #[serde(default = "default_val")]
     val_files: Vec<String>,
     /// Directory with baseline `.tiktoken` files when no `baselines` input is given.
     #[serde(default)]
@@ -54,6 +57,9 @@ fn default_doc_cap() -> usize {
 }
 fn default_input() -> String {
     "corpus".into()
+}
+fn default_val() -> Vec<String> {
+    vec!["val*".into()]
 }
 fn default_files() -> Vec<String> {
     vec![
@@ -120,8 +126,22 @@ fn run() -> Result<()> {
     stage::install_signal_handlers()?;
     let ctx = StageContext::new(StageArgs::parse())?;
     let cfg: Config = ctx.config()?;
-    let corpus_dir = ctx.input(&cfg.input)?.to_path_buf();
-    let files = matching_files(&corpus_dir, &cfg.files)?;
+    // The data stage's artifact keeps its shards under `corpus/`; a bare directory of shards
+    // works too.
+    let input_dir = ctx.input(&cfg.input)?.to_path_buf();
+    let corpus_dir = if input_dir.join("corpus").is_dir() {
+        input_dir.join("corpus")
+    } else {
+        input_dir
+    };
+    let mut files = matching_files(&corpus_dir, &cfg.files)?;
+    files.retain(|f| {
+        let name = f
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        !cfg.exclude.iter().any(|p| glob_match(p, &name))
+    });
     if files.is_empty() {
         bail!(
             "no corpus files matching {:?} in {} (input {:?}); set `files` in the config",

@@ -36,6 +36,11 @@ fn trains_saves_and_evaluates() {
     }
     std::fs::write(corpus.join("shard_00000.jsonl"), &lines).unwrap();
     std::fs::write(corpus.join("notes.md"), "ignored").unwrap();
+    std::fs::write(
+        corpus.join("val.jsonl"),
+        "{\"text\":\"held out zebra quagga\"}\n",
+    )
+    .unwrap();
     let out = dir.path().join("out");
     let res = run("vocab_size = 320\ndoc_cap = 1000\n", &corpus, &out);
     assert!(
@@ -50,7 +55,9 @@ fn trains_saves_and_evaluates() {
     assert_eq!(tok.decode(&tok.encode(text)), text);
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("tok_eval.json")).unwrap()).unwrap();
-    assert!(report["rows"].as_array().unwrap().len() >= 6);
+    let rows = report["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 7, "5 built-in texts + train + val");
+    assert_eq!(rows[6]["name"], "val");
     assert!(out.join("train_report.json").is_file());
 
     // Unknown config keys are rejected and nothing is claimed to succeed.
