@@ -99,6 +99,9 @@ fn midtrain_then_sft_on_the_sample_mixture() {
         serde_json::from_slice(&std::fs::read(d.path().join("sft/summary.json")).unwrap()).unwrap();
     assert_eq!(summary["step"], 3);
     assert!(summary["val_bpb"].as_f64().unwrap().is_finite());
+    // The artifact is self-contained: the tokenizer it was trained with loads from it.
+    let tok = nanochat_tokenizer::Tokenizer::load(&d.path().join("sft/tokenizer")).unwrap();
+    assert!(tok.special_id("<|assistant_end|>").is_some());
 }
 
 #[test]

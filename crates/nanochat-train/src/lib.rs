@@ -48,4 +48,7 @@ pub enum TrainError {
     /// The data pipeline failed.
     #[error(transparent)]
     Data(#[from] nanochat_data::DataError),
+    /// Saving or loading the tokenizer failed.
+    #[error(transparent)]
+    Tokenizer(#[from] nanochat_tokenizer::Error),
 }

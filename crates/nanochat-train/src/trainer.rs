@@ -254,7 +254,8 @@ pub struct MetricsLine {
 pub struct RunDirs {
     /// Persistent per-stage dir for checkpoints and metrics in progress.
     pub work: PathBuf,
-    /// Output dir: `model/` (checkpoint), `metrics.jsonl`, `summary.json`.
+    /// Output dir: `model/` (checkpoint), `tokenizer/` (the tokenizer it was trained with),
+    /// `metrics.jsonl`, `summary.json`.
     pub out: PathBuf,
 }
 
@@ -262,6 +263,8 @@ const CKPT_PREFIX: &str = "ckpt-";
 const STATE_FILE: &str = "train_state.json";
 const OPTIM_FILE: &str = "optim.safetensors";
 const METRICS_FILE: &str = "metrics.jsonl";
+/// Sub-directory of a stage output holding the tokenizer the model was trained with.
+pub const TOKENIZER_DIR: &str = "tokenizer";
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
     move |source| TrainError::Io {
@@ -739,6 +742,9 @@ pub fn train(
     meta.step = state.step;
     meta.loss = Some(state.smooth_loss / (1.0 - 0.9f64.powi(state.step.min(10_000) as i32)));
     save_checkpoint(&model, &job.dirs.out.join("model"), &meta)?;
+    // The tokenizer travels with the model so that one artifact is enough to chat with or serve
+    // (`nanochat chat --model latest/sft`, `nanochat-run serve --ref latest/sft`).
+    job.tokenizer.save(&job.dirs.out.join(TOKENIZER_DIR))?;
     std::fs::copy(&metrics_path, job.dirs.out.join(METRICS_FILE)).map_err(io(&metrics_path))?;
     let summary = serde_json::json!({
         "step": state.step,
