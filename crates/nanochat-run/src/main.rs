@@ -25,6 +25,8 @@ Examples:
   nanochat-run status tiny                    which stages are cached or stale
   nanochat-run gc --delete                    remove unreachable objects
   nanochat-run serve --ref latest/sft -- --port 8000
+  nanochat-run report --compare runs/a/report runs/b/report
+                                              two report cards side by side, with deltas
 
 A PIPELINE argument that is not an existing file is looked up as pipelines/<NAME> and
 pipelines/<NAME>.yaml. Stage binaries are found next to nanochat-run first, then on PATH
@@ -132,6 +134,14 @@ enum Command {
         /// Extra arguments passed to nanochat-inference (after `--`).
         #[arg(last = true, value_name = "ARGS")]
         passthrough: Vec<String>,
+    },
+    /// Work with report cards (`nanochat-report`).
+    Report {
+        /// Print two report cards side by side with deltas. Each of A and B is a ref (e.g.
+        /// runs/tiny/report, latest/report), an object id, a report.json file or a directory
+        /// holding one.
+        #[arg(long, num_args = 2, value_names = ["A", "B"], required = true)]
+        compare: Vec<String>,
     },
 }
 
@@ -299,7 +309,43 @@ fn real_main(cli: Cli, progress: indicatif::MultiProgress) -> Result<ExitCode> {
             let err = cmd.exec();
             Err(err).with_context(|| format!("starting {}", bin.display()))
         }
+        Some(Command::Report { compare }) => {
+            let mut paths = Vec::with_capacity(2);
+            for target in &compare {
+                paths.push(resolve_report(target, &open_store)?);
+            }
+            let bin = plan::find_binary("nanochat-report").map_err(|e| {
+                anyhow::anyhow!("{e}; report cards are compared by the `nanochat-report` binary")
+            })?;
+            let status = std::process::Command::new(&bin)
+                .arg("--compare")
+                .args(&paths)
+                .status()
+                .with_context(|| format!("starting {}", bin.display()))?;
+            Ok(if status.success() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
     }
+}
+
+/// A report argument: an existing file or directory is used as is; anything else is a ref or
+/// object id in the store, whose data directory holds `report.json`.
+fn resolve_report(target: &str, open_store: &dyn Fn() -> Result<ArtifactStore>) -> Result<PathBuf> {
+    let as_path = std::path::Path::new(target);
+    if as_path.exists() {
+        return Ok(as_path.to_path_buf());
+    }
+    let store = open_store()?;
+    let id = resolve_target(&store, target).with_context(|| {
+        format!("{target:?} is neither a report.json / report directory nor a stored report")
+    })?;
+    store
+        .verify(&id, VerifyMode::Fast)
+        .with_context(|| format!("report artifact {target} is damaged"))?;
+    Ok(store.object_data(&id))
 }
 
 fn load_pipeline(arg: &str) -> Result<pipeline::Pipeline> {

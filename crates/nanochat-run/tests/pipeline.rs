@@ -618,6 +618,7 @@ fn help_is_complete() {
         "gc",
         "serve",
         "verify",
+        "report",
         "Examples:",
     ] {
         assert!(top.contains(needle), "--help lacks {needle}:\n{top}");
@@ -628,8 +629,81 @@ fn help_is_complete() {
         ("serve", "--ref"),
         ("verify", "--full"),
         ("refs", "List refs"),
+        ("report", "--compare"),
     ] {
         let h = env.run_ok(&[sub, "--help"]);
         assert!(h.contains(needle), "{sub} --help lacks {needle}:\n{h}");
     }
+}
+
+/// A minimal report.json in the format `nanochat-report` writes (see nanochat-eval's report
+/// module): one summary cell and one stage metric.
+fn report_json(core: f64, loss: f64) -> String {
+    format!(
+        r#"{{"title":"t","system":{{"hostname":"h","platform":"linux-x86_64","cpu":"c","cpus":2,
+"memory_gib":1.0,"git_commit":null,"nanochat_version":"0","generated_utc":"2026-01-01 00:00:00"}},
+"stages":[{{"name":"pretrain","metrics":{{"val_bpb":{loss}}},"curves":[]}}],
+"summary":{{"CORE":{{"BASE":{core}}}}},"columns":["BASE"],"notes":[]}}"#
+    )
+}
+
+#[test]
+fn report_compare_resolves_refs_ids_files_and_dirs() {
+    let env = Env::new();
+    // The real comparer, when `cargo test --workspace` (or `cargo build --bins`) built it.
+    let real = Path::new(env!("CARGO_BIN_EXE_nanochat-run")).with_file_name("nanochat-report");
+    if !real.is_file() {
+        eprintln!(
+            "skipping report --compare: {} not built (cargo build -p nanochat-eval)",
+            real.display()
+        );
+        return;
+    }
+    fs::copy(&real, env.root().join("bin/nanochat-report")).unwrap();
+    let a_dir = env.root().join("a");
+    fs::create_dir_all(&a_dir).unwrap();
+    fs::write(a_dir.join("report.json"), report_json(0.25, 1.5)).unwrap();
+    let b_file = env.root().join("b.json");
+    fs::write(&b_file, report_json(0.35, 1.25)).unwrap();
+
+    // A directory against a file.
+    let out = env.run_ok(&["report", "--compare", "a", "b.json"]);
+    assert!(out.contains("# Report comparison"), "{out}");
+    assert!(
+        out.contains("| CORE | 0.2500 | 0.3500 | +0.1000 |"),
+        "{out}"
+    );
+    assert!(
+        out.contains("| pretrain | val_bpb | 1.5000 | 1.2500 | -0.2500 |"),
+        "{out}"
+    );
+
+    // A stored report by ref against one by object id.
+    let store = env.store();
+    let a_id = store.publish_dir(&a_dir).unwrap();
+    store.set_ref("runs/tiny/report", &a_id).unwrap();
+    let b_dir = env.root().join("bdir");
+    fs::create_dir_all(&b_dir).unwrap();
+    fs::copy(&b_file, b_dir.join("report.json")).unwrap();
+    let b_id = store.publish_dir(&b_dir).unwrap();
+    let b_id_s = b_id.to_string();
+    let out = env.run_ok(&["report", "--compare", "runs/tiny/report", &b_id_s]);
+    assert!(
+        out.contains("| CORE | 0.2500 | 0.3500 | +0.1000 |"),
+        "{out}"
+    );
+
+    // Unknown target: a clear error, nothing printed on stdout.
+    let out = env.run(&["report", "--compare", "runs/none/report", "b.json"]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("neither a report.json") && stderr.contains("no ref or object"),
+        "{stderr}"
+    );
+    // Not a report: the comparer's error, non-zero exit.
+    fs::write(env.root().join("junk.json"), "{}").unwrap();
+    let out = env.run(&["report", "--compare", "junk.json", "b.json"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a nanochat report.json"));
 }
