@@ -1,13 +1,14 @@
 //! [`StepModel`] for `nanochat-model`'s [`Gpt`]: rows of a [`KvCache`] sized to the training
-//! context, one [`Gpt::forward_cached`] call per engine step.
+//! context, one [`Gpt::forward_cached_last`] call per engine step (only the logits after each
+//! row's last token are ever sampled, so no other position pays for lm_head).
 
 use nanochat_model::{Gpt, KvCache};
 
 use crate::model::StepModel;
 use crate::EngineError;
 
-/// Prompt tokens per forward call: `forward_cached` returns logits for every new position, so a
-/// long prompt is fed in slices to bound that buffer (`PREFILL_CHUNK * vocab` floats).
+/// Prompt tokens per forward call: a long prompt is fed in slices to bound the activation
+/// buffers (about `PREFILL_CHUNK * 4 * n_embd` floats each).
 const PREFILL_CHUNK: usize = 256;
 
 fn model_err(e: nanochat_model::ModelError) -> EngineError {
@@ -43,14 +44,7 @@ impl StepModel for Gpt {
         let total: usize = batch.iter().map(|e| e.1.len()).sum();
         if total <= PREFILL_CHUNK {
             // The common case: every decode row and any short prompts in one call.
-            let all = self.forward_cached(cache, batch).map_err(model_err)?;
-            let mut out = Vec::with_capacity(batch.len() * vocab);
-            let mut end = 0;
-            for &(_, tokens) in batch {
-                end += tokens.len();
-                out.extend_from_slice(&all[(end - 1) * vocab..end * vocab]);
-            }
-            return Ok(out);
+            return self.forward_cached_last(cache, batch).map_err(model_err);
         }
         // Long prompts: the single-token rows together, then each prompt in chunks.
         let mut out = vec![0f32; batch.len() * vocab];
@@ -59,7 +53,7 @@ impl StepModel for Gpt {
             .collect();
         if !singles.is_empty() {
             let sub: Vec<(usize, &[u32])> = singles.iter().map(|&i| batch[i]).collect();
-            let logits = self.forward_cached(cache, &sub).map_err(model_err)?;
+            let logits = self.forward_cached_last(cache, &sub).map_err(model_err)?;
             for (j, &i) in singles.iter().enumerate() {
                 out[i * vocab..(i + 1) * vocab]
                     .copy_from_slice(&logits[j * vocab..(j + 1) * vocab]);
@@ -72,11 +66,11 @@ impl StepModel for Gpt {
             let mut last = Vec::new();
             for chunk in tokens.chunks(PREFILL_CHUNK) {
                 last = self
-                    .forward_cached(cache, &[(row, chunk)])
+                    .forward_cached_last(cache, &[(row, chunk)])
                     .map_err(model_err)?;
             }
-            if last.len() >= vocab {
-                out[i * vocab..(i + 1) * vocab].copy_from_slice(&last[last.len() - vocab..]);
+            if last.len() == vocab {
+                out[i * vocab..(i + 1) * vocab].copy_from_slice(&last);
             }
         }
         Ok(out)

@@ -23,7 +23,11 @@ impl TokenCodec for PlainCodec {
 }
 
 fn fixture_dir() -> Option<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/gpt_tiny_a");
+    // `../shared` beside the workspace root, or `$NANOCHAT_SHARED_DIR` (e.g. from a worktree).
+    let shared = std::env::var_os("NANOCHAT_SHARED_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared"));
+    let dir = shared.join("fixtures/gpt_tiny_a");
     if dir.join("weights.safetensors").is_file() {
         Some(dir)
     } else {

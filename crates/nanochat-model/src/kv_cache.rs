@@ -141,13 +141,26 @@ impl Gpt {
         // Run the whole step on a rayon worker: the ~15 small parallel loops per layer then
         // start in-pool instead of each paying a cross-thread injection (which dominated
         // single-token latency at small widths).
-        rayon::scope(|_| self.forward_cached_in_pool(cache, batch))
+        rayon::scope(|_| self.forward_cached_in_pool(cache, batch, false))
+    }
+
+    /// Like [`Gpt::forward_cached`], but returns only the logits after each entry's last token:
+    /// `[batch.len(), vocab]`, in the order given. Prefill needs nothing else, and skipping the
+    /// lm_head GEMM for the other positions removes most of its cost at large vocabularies
+    /// (that projection is `vocab * n_embd` per position, more than a whole layer).
+    pub fn forward_cached_last(
+        &self,
+        cache: &mut KvCache,
+        batch: &[(usize, &[u32])],
+    ) -> Result<Vec<f32>> {
+        rayon::scope(|_| self.forward_cached_in_pool(cache, batch, true))
     }
 
     fn forward_cached_in_pool(
         &self,
         cache: &mut KvCache,
         batch: &[(usize, &[u32])],
+        last_only: bool,
     ) -> Result<Vec<f32>> {
         let cfg = &self.cfg;
         if cache.n_layer != cfg.n_layer || cache.kv_width != cfg.n_kv_head * cfg.head_dim() {
@@ -162,6 +175,11 @@ impl Gpt {
             if std::mem::replace(&mut seen[row], true) {
                 return Err(ModelError::InvalidInput(format!(
                     "KV cache row {row} appears twice in one forward_cached call"
+                )));
+            }
+            if last_only && ts.is_empty() {
+                return Err(ModelError::InvalidInput(format!(
+                    "KV cache row {row} has no new tokens, so it has no last-position logits"
                 )));
             }
             let start = cache.lens[row];
@@ -237,6 +255,18 @@ impl Gpt {
             self.linear_any(layer_param(l, MLP_PROJ), m, &hid, &mut x, true)?;
         }
         rmsnorm_fwd(&x, &mut xn, &mut rs[..m], c);
+        // Only the positions whose logits are wanted go through lm_head.
+        let (xn, m) = if last_only {
+            let mut last = Vec::with_capacity(batch.len() * c);
+            let mut end = 0;
+            for &(_, ts) in batch {
+                end += ts.len();
+                last.extend_from_slice(&xn[(end - 1) * c..end * c]);
+            }
+            (last, batch.len())
+        } else {
+            (xn, m)
+        };
         let mut logits = alloc_f32(m * vp, "logits")?;
         self.linear_any(lm_head_index(cfg), m, &xn, &mut logits, false)?;
         let mut out = alloc_f32(m * vocab, "logits")?;

@@ -81,3 +81,51 @@ fn prefill_through_gemm_path_matches_and_rows_copy_and_reset() {
     assert!(m.forward_cached(&mut cache, &[(5, &s[..1])]).is_err());
     assert!(m.forward_cached(&mut cache, &[(0, &[999])]).is_err());
 }
+
+#[test]
+fn last_only_logits_equal_last_rows_of_full_logits() {
+    // GQA (4 query heads over 2 KV heads); rows of different lengths, 27 tokens in all so the
+    // trunk runs as GEMMs, and a row that already has cached tokens.
+    let cfg = tiny(2, 4, 2, 32, 67);
+    let v = cfg.vocab_size;
+    let m = random_model(cfg.clone(), 21);
+    let seqs = [
+        tokens(3, v, 5),
+        tokens(12, v, 6),
+        tokens(1, v, 7),
+        tokens(11, v, 8),
+    ];
+    let mut full_cache = KvCache::new(&cfg, 4, 32).unwrap();
+    let mut last_cache = KvCache::new(&cfg, 4, 32).unwrap();
+    // Row 3 starts with two cached tokens in both caches.
+    m.forward_cached(&mut full_cache, &[(3, &seqs[3][..2])])
+        .unwrap();
+    m.forward_cached_last(&mut last_cache, &[(3, &seqs[3][..2])])
+        .unwrap();
+    let batch: Vec<(usize, &[u32])> = vec![
+        (1, &seqs[1][..]),
+        (0, &seqs[0][..]),
+        (3, &seqs[3][2..]),
+        (2, &seqs[2][..]),
+    ];
+    let full = m.forward_cached(&mut full_cache, &batch).unwrap();
+    let last = m.forward_cached_last(&mut last_cache, &batch).unwrap();
+    assert_eq!(last.len(), batch.len() * v);
+    let mut end = 0;
+    for (i, (row, ts)) in batch.iter().enumerate() {
+        end += ts.len();
+        let e = max_rel(&last[i * v..(i + 1) * v], &full[(end - 1) * v..end * v]);
+        assert!(e < 1e-5, "row {row}: {e}");
+        assert_eq!(last_cache.len(*row), full_cache.len(*row));
+    }
+    // The caches hold the same keys/values: one more decode step agrees too.
+    let step: Vec<(usize, &[u32])> = (0..4).map(|r| (r, &seqs[r][..1])).collect();
+    let a = m.forward_cached(&mut full_cache, &step).unwrap();
+    let b = m.forward_cached_last(&mut last_cache, &step).unwrap();
+    assert!(max_rel(&b, &a) < 1e-5);
+    // A row without new tokens has no last position.
+    let err = m
+        .forward_cached_last(&mut last_cache, &[(0, &seqs[0][..1]), (1, &[])])
+        .unwrap_err();
+    assert!(matches!(err, ModelError::InvalidInput(_)), "{err}");
+}
