@@ -71,3 +71,67 @@ fn trains_saves_and_evaluates() {
     assert!(!res.status.success());
     assert!(String::from_utf8_lossy(&res.stderr).contains("no corpus files"));
 }
+
+/// A parquet shard (nanochat's FineWeb format) trains exactly the tokenizer that the same
+/// documents give as JSONL: the stage reads the `text` column row group by row group (nulls
+/// skipped).
+#[test]
+fn parquet_shards_train_like_jsonl() {
+    #[derive(serde::Deserialize)]
+    struct Row {
+        text: Option<String>,
+    }
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../nanochat-data/tests/data");
+    let rows: Vec<Row> =
+        nanochat_data::tasks::read_jsonl(&data.join("docs_expected.jsonl.gz")).unwrap();
+    let mut jsonl = String::new();
+    for text in rows.into_iter().filter_map(|r| r.text) {
+        jsonl.push_str(&serde_json::json!({ "text": text }).to_string());
+        jsonl.push('\n');
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let train = |name: &str, file: &str, contents: Option<&str>| {
+        let corpus = dir.path().join(name).join("corpus");
+        std::fs::create_dir_all(&corpus).unwrap();
+        match contents {
+            Some(c) => std::fs::write(corpus.join(file), c).unwrap(),
+            None => {
+                std::fs::copy(data.join(file), corpus.join(file)).unwrap();
+            }
+        }
+        let out = dir.path().join(name).join("out");
+        let res = run("vocab_size = 400\n", &corpus, &out);
+        assert!(
+            res.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&res.stderr)
+        );
+        std::fs::read(out.join("tokenizer.tiktoken")).unwrap()
+    };
+    let from_jsonl = train("jsonl", "docs.jsonl", Some(&jsonl));
+    let from_parquet = train("parquet", "docs_dict_v1.parquet", None);
+    assert!(!from_jsonl.is_empty());
+    assert!(
+        from_parquet == from_jsonl,
+        "the parquet shard trained a different tokenizer than its JSONL twin"
+    );
+    // The data-page-v2 file (no null) trains too.
+    assert!(!train("parquet_v2", "docs_plain_v2.parquet", None).is_empty());
+}
+
+#[test]
+fn corrupt_parquet_shard_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("corpus");
+    std::fs::create_dir_all(&corpus).unwrap();
+    std::fs::write(
+        corpus.join("shard_00000.parquet"),
+        b"PAR1 not really parquet PAR1",
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let res = run("vocab_size = 300\n", &corpus, &out);
+    assert!(!res.status.success());
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(err.contains("shard_00000.parquet"), "{err}");
+}

@@ -14,7 +14,9 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use nanochat_artifacts::stage::{self, StageArgs, StageContext};
-use nanochat_tokenizer::{corpus, eval, train_nanochat, OpenAiEncoding, Tokenizer, TrainOptions};
+use nanochat_tokenizer::{
+    corpus, eval, train_nanochat, Error as TokError, OpenAiEncoding, Tokenizer, TrainOptions,
+};
 
 /// The stage's TOML config.
 #[derive(serde::Deserialize, Debug)]
@@ -67,6 +69,7 @@ fn default_files() -> Vec<String> {
         "*.jsonl.gz".into(),
         "*.txt".into(),
         "*.txt.gz".into(),
+        "*.parquet".into(),
     ]
 }
 
@@ -83,6 +86,67 @@ fn glob_match(pattern: &str, name: &str) -> bool {
     let p: Vec<char> = pattern.chars().collect();
     let n: Vec<char> = name.chars().collect();
     go(&p, &n)
+}
+
+/// Documents of one shard: parquet (`text` column, read row group by row group through
+/// nanochat-data's pure-Rust reader) or anything `corpus::documents` reads (jsonl, text, gzip).
+fn shard_documents(path: &Path) -> Result<Box<dyn Iterator<Item = DocResult> + Send>, TokError> {
+    if nanochat_data::ShardFormat::of(path) == Some(nanochat_data::ShardFormat::Parquet) {
+        let data_err = |e: nanochat_data::DataError| TokError::Format {
+            path: path.to_path_buf(),
+            line: 0,
+            msg: e.to_string(),
+        };
+        let reader =
+            nanochat_data::parquet::ParquetTextReader::open(path, "text").map_err(data_err)?;
+        Ok(Box::new(ParquetDocs {
+            reader,
+            path: path.to_path_buf(),
+            next_group: 0,
+            buffered: Vec::new().into_iter(),
+        }))
+    } else {
+        Ok(Box::new(corpus::documents(path)?))
+    }
+}
+
+type DocResult = Result<String, TokError>;
+
+/// Streams a parquet shard's `text` column one row group at a time, so memory stays bounded
+/// by the largest row group (nanochat writes 1000 documents per group).
+struct ParquetDocs {
+    reader: nanochat_data::parquet::ParquetTextReader,
+    path: PathBuf,
+    next_group: usize,
+    buffered: std::vec::IntoIter<String>,
+}
+
+impl Iterator for ParquetDocs {
+    type Item = DocResult;
+
+    fn next(&mut self) -> Option<DocResult> {
+        loop {
+            if let Some(doc) = self.buffered.next() {
+                return Some(Ok(doc));
+            }
+            if self.next_group >= self.reader.num_row_groups() {
+                return None;
+            }
+            let group = self.next_group;
+            self.next_group += 1;
+            match self.reader.read_row_group(group) {
+                Ok(docs) => self.buffered = docs.into_iter(),
+                Err(e) => {
+                    self.next_group = usize::MAX;
+                    return Some(Err(TokError::Format {
+                        path: self.path.clone(),
+                        line: 0,
+                        msg: format!("row group {group}: {e}"),
+                    }));
+                }
+            }
+        }
+    }
 }
 
 fn matching_files(dir: &Path, patterns: &[String]) -> Result<Vec<PathBuf>> {
@@ -174,10 +238,8 @@ fn run() -> Result<()> {
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default(),
         );
-        match corpus::documents(path) {
-            Ok(d) => {
-                Box::new(d) as Box<dyn Iterator<Item = Result<String, nanochat_tokenizer::Error>>>
-            }
+        match shard_documents(path) {
+            Ok(d) => d,
             Err(e) => Box::new(std::iter::once(Err(e))),
         }
     });
@@ -242,7 +304,7 @@ fn run() -> Result<()> {
         matching_files(&corpus_dir, &cfg.val_files)?
     };
     if let Some(v) = val_files.first() {
-        let docs: Vec<String> = corpus::documents(v)?.take(256).collect::<Result<_, _>>()?;
+        let docs: Vec<String> = shard_documents(v)?.take(256).collect::<Result<_, _>>()?;
         texts.push(("val".into(), docs.join("\n")));
     }
     let baselines_dir = match ctx.inputs().get("baselines") {
