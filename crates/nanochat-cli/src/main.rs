@@ -7,6 +7,7 @@ mod chat;
 mod generate;
 mod info;
 mod load;
+mod serve;
 mod tok;
 
 use std::process::ExitCode;
@@ -65,6 +66,8 @@ enum Command {
     Tok(tok::TokCommand),
     /// Show a model's configuration, size, memory needs and provenance.
     Info(info::InfoArgs),
+    /// Serve a model over the OpenAI-compatible HTTP API (nanochat-inference), with a chat page.
+    Serve(serve::ServeArgs),
 }
 
 /// Where the model comes from.
@@ -151,6 +154,7 @@ fn main() -> ExitCode {
         Command::Chat(a) => chat::run(a, cli.json),
         Command::Tok(c) => tok::run(c, cli.json),
         Command::Info(a) => info::run(a, cli.json),
+        Command::Serve(a) => serve::run(a),
     };
     match result {
         Ok(code) => code,

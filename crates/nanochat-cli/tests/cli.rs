@@ -390,3 +390,85 @@ fn tok_train_then_encode() {
     );
     assert_eq!(again.status.code(), Some(2));
 }
+
+/// Kills the server even when an assertion fails.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn serve_answers_health_on_a_free_port() {
+    use std::io::{BufRead, BufReader, Read};
+    let mut child = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_nanochat"))
+            .args([
+                "serve",
+                "--model",
+                model(),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+            ])
+            .args(["--workers", "1"])
+            .env_remove("NANOCHAT_MODEL")
+            .env_remove("NANOCHAT_TOKENIZER")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn nanochat serve"),
+    );
+    let stderr = child.0.stderr.take().expect("stderr");
+    let mut addr = None;
+    let mut seen = String::new();
+    for line in BufReader::new(stderr).lines() {
+        let line = line.expect("stderr line");
+        seen.push_str(&line);
+        seen.push('\n');
+        if let Some(rest) = line.split("on http://").nth(1) {
+            addr = rest.split('/').next().map(str::to_string);
+            break;
+        }
+    }
+    let addr = addr.unwrap_or_else(|| panic!("no listening address printed:\n{seen}"));
+    assert!(addr.starts_with("127.0.0.1:"), "{addr}");
+    let mut conn = std::net::TcpStream::connect(&addr).expect("connect");
+    conn.write_all(b"GET /health HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .expect("request");
+    let mut resp = String::new();
+    conn.read_to_string(&mut resp).expect("response");
+    assert!(
+        resp.starts_with("HTTP/1.0 200") || resp.starts_with("HTTP/1.1 200"),
+        "{resp}"
+    );
+    let body = resp.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let health: serde_json::Value = serde_json::from_str(body).expect("health JSON");
+    assert!(health.is_object(), "{health}");
+}
+
+#[test]
+fn serve_rejects_a_missing_model_and_bad_config() {
+    let o = nanochat(&["serve", "--model", "/nonexistent/model"], None);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("/nonexistent/model"), "{}", stderr(&o));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = dir.path().join("server.toml");
+    std::fs::write(&cfg, "prot = 1\n").expect("write config");
+    let o = nanochat(
+        &[
+            "serve",
+            "--model",
+            model(),
+            "--config",
+            cfg.to_str().expect("utf-8"),
+        ],
+        None,
+    );
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("server.toml"), "{}", stderr(&o));
+}
