@@ -115,3 +115,69 @@ fn missing_task_file_is_named() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("no_such_file.jsonl"), "{err}");
 }
+
+/// Runs `binary` with an explicit work dir and extra environment (crash-resume tests).
+fn run_in(
+    dir: &Path,
+    binary: &str,
+    config: &str,
+    out: &str,
+    work: &str,
+    env: &[(&str, &str)],
+) -> Output {
+    let cfg = dir.join(format!("{out}.toml"));
+    std::fs::write(&cfg, config).unwrap();
+    std::fs::create_dir_all(dir.join(out)).unwrap();
+    Command::new(bin(binary))
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--input")
+        .arg(format!("model={}", dir.join("base").display()))
+        .arg("--input")
+        .arg(format!("tokenizer={}", dir.join("tokenizer").display()))
+        .arg("--input")
+        .arg(format!(
+            "chat={}",
+            repo().join("data/sample/chat").display()
+        ))
+        .arg("--out")
+        .arg(dir.join(out))
+        .arg("--work")
+        .arg(dir.join(work))
+        .envs(env.iter().copied())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn sft_killed_mid_run_resumes_to_identical_weights() {
+    let d = tempfile::tempdir().unwrap();
+    setup(d.path());
+    let cfg = format!(
+        "threads = 1\nmax_tokens = 256\n[train]\ndevice_batch_size = 2\ntotal_batch_size = 4\nnum_iterations = 4\nsave_every = 2\neval_batches = 1\n{TASKS}"
+    );
+    let full = run_in(d.path(), "nanochat-sft", &cfg, "full", "full-work", &[]);
+    assert!(
+        full.status.success(),
+        "{}",
+        String::from_utf8_lossy(&full.stderr)
+    );
+    let crashed = run_in(
+        d.path(),
+        "nanochat-sft",
+        &cfg,
+        "crashed",
+        "work",
+        &[("NANOCHAT_TEST_ABORT_AT_STEP", "3")],
+    );
+    assert!(!crashed.status.success(), "the abort hook did not fire");
+    let resumed = run_in(d.path(), "nanochat-sft", &cfg, "resumed", "work", &[]);
+    let err = String::from_utf8_lossy(&resumed.stderr);
+    assert!(resumed.status.success(), "{err}");
+    assert!(err.contains("resuming from checkpoint"), "{err}");
+    let w = |o: &str| std::fs::read(d.path().join(o).join("model/model.safetensors")).unwrap();
+    assert!(
+        w("full") == w("resumed"),
+        "resumed weights differ from the uninterrupted run"
+    );
+}
