@@ -56,6 +56,13 @@ size = 20
 "#;
 
 fn run(dir: &Path, binary: &str, config: &str, model: &str, out: &str) -> Output {
+    // `cargo test --workspace` builds every stage binary (nanochat-midtrain has its own test
+    // target); `cargo test -p nanochat-sft` alone does not build the sibling.
+    assert!(
+        bin(binary).exists(),
+        "{} is not built: run `cargo build -p {binary}` (or `cargo test --workspace`)",
+        bin(binary).display()
+    );
     let cfg = dir.join(format!("{out}.toml"));
     std::fs::write(&cfg, config).unwrap();
     std::fs::create_dir_all(dir.join(out)).unwrap();
