@@ -337,6 +337,14 @@ impl Worker {
     fn admit(&mut self) {
         let shared = self.shared.clone();
         let mut q = lock(&shared.queue);
+        // Requests whose client went away while queued leave the queue now, not when a slot
+        // frees (the queue is bounded, so this sweep is cheap next to a decode step).
+        let before = q.len();
+        q.retain(|e| !e.tx.is_closed());
+        let swept = before - q.len();
+        if swept > 0 {
+            shared.cancelled.fetch_add(swept as u64, Ordering::Relaxed);
+        }
         loop {
             while self.active.len() < self.max_batch && self.should_take_more() {
                 let Some(Queued { job, tx }) = q.pop_front() else {

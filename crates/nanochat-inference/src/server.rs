@@ -996,6 +996,11 @@ impl Server {
                 .default_service(web::to(not_found))
         })
         .workers(http_workers)
+        // A client that closes its side ends the connection now: actix then drops the handler
+        // future (non-streaming) or the body (streaming), which drops the scheduler's event
+        // receiver, and the worker frees the slot before its next decode step. With half-closed
+        // connections allowed (actix's default) a non-streaming handler would run to the end.
+        .h1_allow_half_closed(false)
         .bind((host.as_str(), port))
         .map_err(|e| InferenceError::Config(format!("cannot bind {host}:{port}: {e}")))?;
         let addr = server.addrs().first().copied().ok_or_else(|| {

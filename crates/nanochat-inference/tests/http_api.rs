@@ -558,6 +558,59 @@ async fn disconnect_mid_stream_frees_the_slot() {
     assert_eq!(r.json()["choices"][0]["message"]["content"], "echo: next");
 }
 
+/// Poll the server's own view until `done` holds (the bound only keeps a broken build from
+/// hanging; the assertion is on state).
+async fn wait_for_scheduler(
+    s: &TestServer,
+    what: &str,
+    done: impl Fn(&nanochat_inference::scheduler::SchedulerStats) -> bool,
+) {
+    let t0 = Instant::now();
+    loop {
+        let st = s.state.stats().scheduler;
+        if done(&st) {
+            return;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "{what}: {st:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[actix_web::test]
+async fn disconnect_of_a_non_streaming_client_frees_its_slot_and_queue_entry() {
+    let mut cfg = ServerConfig::default();
+    cfg.max_batch = 1;
+    cfg.cache.enabled = false;
+    // 4096 tokens at 20 ms a step would hold the slot for over a minute.
+    let s = start(cfg, Duration::from_millis(20));
+    let long =
+        json!({"messages": user("repeat: la"), "max_tokens": 4096, "temperature": 0}).to_string();
+    let decoding = send_only(s.addr, "POST", CHAT, long.as_bytes()).await;
+    wait_for_scheduler(&s, "first request decoding", |st| st.workers[0].active == 1).await;
+    let queued = send_only(s.addr, "POST", CHAT, long.as_bytes()).await;
+    wait_for_scheduler(&s, "second request queued", |st| st.queue_depth == 1).await;
+
+    drop(decoding);
+    drop(queued);
+    wait_for_scheduler(&s, "slot and queue freed", |st| {
+        st.workers[0].active == 0 && st.queue_depth == 0 && st.cancelled == 2
+    })
+    .await;
+    // The single slot serves the next client straight away.
+    let r = post_json(
+        s.addr,
+        CHAT,
+        &json!({"messages": user("next"), "temperature": 0, "max_tokens": 8}),
+    )
+    .await;
+    assert_eq!(r.json()["choices"][0]["message"]["content"], "echo: ne");
+    let st = s.state.stats();
+    assert_eq!(
+        st.scheduler.workers[0].admitted, 2,
+        "the queued one never ran"
+    );
+}
+
 #[actix_web::test]
 async fn deterministic_requests_hit_the_cache_with_the_same_body() {
     let s = start(ServerConfig::default(), Duration::from_millis(1));

@@ -67,6 +67,18 @@ pub struct Streaming {
     done: bool,
 }
 
+/// Write a request and return the open socket without reading the answer (for disconnects).
+pub async fn send_only(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.expect("write head");
+    stream.write_all(body).await.expect("write body");
+    stream
+}
+
 pub async fn send(
     addr: SocketAddr,
     method: &str,
