@@ -87,7 +87,7 @@ fn run() -> Result<i32> {
         .init();
     stage::install_signal_handlers()?;
     let ctx = StageContext::new(StageArgs::parse())?;
-    let cfg: Config = ctx.config()?;
+    let mut cfg: Config = ctx.config()?;
     if cfg.threads > 0 {
         rayon::ThreadPoolBuilder::new()
             .num_threads(cfg.threads)
@@ -113,6 +113,9 @@ fn run() -> Result<i32> {
     )
     .with_context(|| format!("model section of {}", ctx.config_path().display()))?;
     tracing::info!(?mcfg, params = mcfg.num_params(), "model");
+    cfg.train
+        .resolve_horizon(&mcfg)
+        .with_context(|| format!("train section of {}", ctx.config_path().display()))?;
     let model = Gpt::new(mcfg, cfg.seed)?;
     let b = cfg.train.device_batch_size;
     let t = cfg.model.sequence_len;

@@ -33,9 +33,84 @@ impl LrSchedule {
     }
 }
 
+/// Where a run's step count came from.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum HorizonSource {
+    /// `num_iterations` was set.
+    Explicit,
+    /// Derived from a total FLOPs budget.
+    TargetFlops,
+    /// Derived from a tokens-per-parameter ratio.
+    ParamDataRatio,
+}
+
+/// Training horizon in optimizer steps, decided like nanochat's `base_train.py`: an explicit
+/// `num_iterations` (> 0) wins; else `round(target_flops / (flops_per_token · total_batch))`;
+/// else `⌊ratio · num_params / total_batch⌋` (Chinchilla's 20 tokens per parameter in the
+/// speedrun). `total_batch` counts tokens. Returns `None` when no horizon is set or the derived
+/// count is 0 (the budget is smaller than one step).
+pub fn training_horizon(
+    num_iterations: u64,
+    target_flops: f64,
+    target_param_data_ratio: f64,
+    num_params: usize,
+    flops_per_token: f64,
+    total_batch_tokens: usize,
+) -> Option<(u64, HorizonSource)> {
+    let (steps, source) = if num_iterations > 0 {
+        (num_iterations, HorizonSource::Explicit)
+    } else if target_flops > 0.0 {
+        let per_step = flops_per_token * total_batch_tokens as f64;
+        (
+            (target_flops / per_step).round() as u64,
+            HorizonSource::TargetFlops,
+        )
+    } else if target_param_data_ratio > 0.0 {
+        // The reference floors a float product (`target_tokens // total_batch_size`).
+        let tokens = target_param_data_ratio * num_params as f64;
+        (
+            (tokens / total_batch_tokens as f64).floor() as u64,
+            HorizonSource::ParamDataRatio,
+        )
+    } else {
+        return None;
+    };
+    (steps > 0).then_some((steps, source))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn horizon_explicit_wins_then_flops_then_ratio() {
+        // d20 speedrun: 560,988,160 params, 524,288 tokens per step, ratio 20 -> 21,400 steps.
+        let params = 560_988_160;
+        assert_eq!(
+            training_horizon(0, 0.0, 20.0, params, 1.0, 524_288),
+            Some((21_400, HorizonSource::ParamDataRatio))
+        );
+        assert_eq!(
+            training_horizon(7, 1e18, 20.0, params, 1.0, 524_288),
+            Some((7, HorizonSource::Explicit))
+        );
+        // 2.6 steps' worth of FLOPs rounds to 3.
+        assert_eq!(
+            training_horizon(0, 2.6 * 6.0 * 100.0, 20.0, params, 6.0, 100),
+            Some((3, HorizonSource::TargetFlops))
+        );
+        // Floor, not round: 20 · 1049 / 2048 = 10.24 -> 10; 20 · 1100 / 2048 = 10.74 -> 10.
+        assert_eq!(
+            training_horizon(0, 0.0, 20.0, 1049, 1.0, 2048).map(|h| h.0),
+            Some(10)
+        );
+        assert_eq!(
+            training_horizon(0, 0.0, 20.0, 1100, 1.0, 2048).map(|h| h.0),
+            Some(10)
+        );
+        assert_eq!(training_horizon(0, 0.0, 0.0, params, 1.0, 2048), None);
+        assert_eq!(training_horizon(0, 0.0, 20.0, 10, 1.0, 2048), None);
+    }
 
     #[test]
     fn warmup_constant_warmdown() {

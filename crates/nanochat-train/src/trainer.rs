@@ -89,8 +89,17 @@ pub struct LoopConfig {
     /// Units per optimizer step: tokens (pretrain, midtrain) or conversations (SFT); must be a
     /// multiple of one micro-batch. Gradient accumulation makes up the difference.
     pub total_batch_size: usize,
-    /// Optimizer steps to run.
+    /// Optimizer steps to run. 0 (or absent): derived by [`LoopConfig::resolve_horizon`] from
+    /// `target_flops` or `target_param_data_ratio` (pretraining only; other stages must set it).
+    #[serde(default)]
     pub num_iterations: u64,
+    /// Pretraining horizon as a total FLOPs budget (0: unset); used when `num_iterations` is 0.
+    #[serde(default)]
+    pub target_flops: f64,
+    /// Pretraining horizon as training tokens per model parameter (nanochat's speedrun: 20;
+    /// 0: unset); used when `num_iterations` and `target_flops` are 0.
+    #[serde(default)]
+    pub target_param_data_ratio: f64,
     /// AdamW lr of the token embedding, before the 1/√(d_model/768) scaling.
     #[serde(default = "d_emb")]
     pub embedding_lr: f32,
@@ -161,7 +170,10 @@ impl LoopConfig {
             ));
         }
         if self.num_iterations == 0 {
-            return bad("num_iterations must be ≥ 1".into());
+            return bad(
+                "num_iterations must be ≥ 1 (pretraining may instead set target_param_data_ratio or target_flops)"
+                    .into(),
+            );
         }
         for (name, v) in [
             ("warmup_ratio", self.warmup_ratio),
@@ -176,6 +188,40 @@ impl LoopConfig {
             return bad("warmup_ratio + warmdown_ratio must be ≤ 1".into());
         }
         Ok(self.total_batch_size / units_per_micro)
+    }
+
+    /// Fills in `num_iterations` from the FLOPs budget or the data:param ratio when it is 0, as
+    /// nanochat's `base_train.py` does (`total_batch_size` counts tokens), and logs the result.
+    pub fn resolve_horizon(
+        &mut self,
+        model: &nanochat_model::GptConfig,
+    ) -> Result<u64, TrainError> {
+        let params = model.num_params();
+        let (steps, source) = crate::schedule::training_horizon(
+            self.num_iterations,
+            self.target_flops,
+            self.target_param_data_ratio,
+            params,
+            model.flops_per_token(),
+            self.total_batch_size,
+        )
+        .ok_or_else(|| {
+            TrainError::Config(
+                "no training horizon: set num_iterations, target_flops or target_param_data_ratio (one step's budget at least)"
+                    .into(),
+            )
+        })?;
+        let tokens = steps as f64 * self.total_batch_size as f64;
+        tracing::info!(
+            num_iterations = steps,
+            from = ?source,
+            params,
+            tokens,
+            tokens_per_param = tokens / params as f64,
+            "training horizon"
+        );
+        self.num_iterations = steps;
+        Ok(steps)
     }
 
     fn optimizer_settings(&self) -> OptimizerSettings {
