@@ -6,10 +6,12 @@
 
 use std::time::Instant;
 
+use nanochat_model::kernels::bf16::{gemm_bf16, Op};
 use nanochat_model::kernels::gemm_acc;
 use nanochat_model::{Gpt, GptConfig, KvCache, Reduction};
 
-fn gemm_peak() -> f64 {
+/// Best-of-3 GFLOP/s of a 2048×1024×512 GEMM (f32, or bf16 with f32 accumulation).
+fn gemm_peak(bf16: bool) -> f64 {
     let (m, n, k) = (2048usize, 1024usize, 512usize);
     let a: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
     let b: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32 * 0.1).collect();
@@ -19,7 +21,11 @@ fn gemm_peak() -> f64 {
         let t = Instant::now();
         let reps = 10;
         for _ in 0..reps {
-            gemm_acc(m, n, k, &a, &b, &mut c).unwrap();
+            if bf16 {
+                gemm_bf16(Op::N, Op::N, m, n, k, &a, &b, &mut c).unwrap();
+            } else {
+                gemm_acc(m, n, k, &a, &b, &mut c).unwrap();
+            }
         }
         let dt = t.elapsed().as_secs_f64() / reps as f64;
         best = best.max(2.0 * (m * n * k) as f64 / dt / 1e9);
@@ -57,11 +63,15 @@ fn main() -> anyhow::Result<()> {
     let cfg = GptConfig::from_depth(depth, vocab, seq)?;
     // NANOCHAT_BENCH_TRAIN_ONLY=1: skip the machine probes and decoding (for profiling).
     let train_only = std::env::var_os("NANOCHAT_BENCH_TRAIN_ONLY").is_some();
-    let (peak, bw) = if train_only {
-        (0.0, 0.0)
+    let (peak, peak_bf16, bw) = if train_only {
+        (0.0, 0.0, 0.0)
     } else {
-        (gemm_peak(), bandwidth_gbs())
+        (gemm_peak(false), gemm_peak(true), bandwidth_gbs())
     };
+    if std::env::var_os("NANOCHAT_BENCH_PEAK_ONLY").is_some() {
+        println!("gemm_peak_gflops {peak:.1} bf16 {peak_bf16:.1}");
+        return Ok(());
+    }
     let mut m = Gpt::new(cfg.clone(), 0)?;
     let n = batch * seq;
     let idx: Vec<u32> = (0..n).map(|i| ((i * 7919 + 13) % vocab) as u32).collect();
@@ -115,6 +125,7 @@ fn main() -> anyhow::Result<()> {
             "train_tokens_per_s": (tps * 10.0).round() / 10.0,
             "train_gflops": (gflops * 10.0).round() / 10.0,
             "gemm_peak_gflops": (peak * 10.0).round() / 10.0,
+            "gemm_peak_bf16_gflops": (peak_bf16 * 10.0).round() / 10.0,
             "decode_tokens_per_s": (dec_tps * 10.0).round() / 10.0,
             "decode_floor_tokens_per_s": (floor_tps * 10.0).round() / 10.0,
             "read_bandwidth_gbs": (bw * 10.0).round() / 10.0,

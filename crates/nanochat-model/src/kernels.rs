@@ -13,6 +13,8 @@ use rayon::prelude::*;
 
 use crate::error::{ModelError, Result};
 
+pub mod bf16;
+
 /// `c += a·b` with `a: [m, k]`, `b: [k, n]`, `c: [m, n]`, all row-major.
 pub fn gemm_acc(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32]) -> Result<()> {
     if m == 0 || n == 0 {
