@@ -7,7 +7,7 @@ use nanochat_model::Gpt;
 use nanochat_tokenizer::chat::{Conversation, Message, Role};
 use nanochat_tokenizer::Tokenizer;
 
-use crate::model::{EvalTokenizer, Generator, LogProbModel, LogitsBatch};
+use crate::model::{EvalTokenizer, Generator, LogProbModel, LogitsBatch, SharedPrefix};
 use crate::{EvalError, Result};
 
 impl LogProbModel for Gpt {
@@ -26,6 +26,78 @@ impl LogProbModel for Gpt {
             vocab: self.config().vocab_size,
             data,
         })
+    }
+
+    /// Three cached forwards for all groups at once: prefill every group's shared prefix in
+    /// its first row (only the last position goes through the vocabulary projection), copy
+    /// that row's cache to the group's other rows, then run every row's tail.
+    fn tail_logits(&self, groups: &[SharedPrefix<'_>]) -> Result<Option<Vec<Vec<Vec<f32>>>>> {
+        let model_err = |e: nanochat_model::ModelError| EvalError::Model(e.to_string());
+        let rows: usize = groups.iter().map(|g| g.rows.len()).sum();
+        let capacity = groups
+            .iter()
+            .flat_map(|g| g.rows.iter().map(|r| r.len()))
+            .max()
+            .unwrap_or(0);
+        if rows == 0 || capacity == 0 {
+            return Ok(Some(
+                groups
+                    .iter()
+                    .map(|g| vec![Vec::new(); g.rows.len()])
+                    .collect(),
+            ));
+        }
+        for g in groups {
+            if g.rows
+                .iter()
+                .any(|r| r.len() <= g.shared || r[..g.shared] != g.rows[0][..g.shared])
+            {
+                return Err(EvalError::Invalid(
+                    "tail_logits: a row does not extend its group's shared prefix".into(),
+                ));
+            }
+        }
+        let mut cache =
+            nanochat_model::KvCache::new(self.config(), rows, capacity).map_err(model_err)?;
+        let mut first_rows = Vec::with_capacity(groups.len());
+        let mut next = 0usize;
+        for g in groups {
+            first_rows.push(next);
+            next += g.rows.len();
+        }
+        let prefill: Vec<(usize, &[u32])> = groups
+            .iter()
+            .zip(&first_rows)
+            .filter(|(g, _)| g.shared > 0)
+            .map(|(g, &r)| (r, &g.rows[0][..g.shared]))
+            .collect();
+        if !prefill.is_empty() {
+            self.forward_cached_last(&mut cache, &prefill)
+                .map_err(model_err)?;
+        }
+        let mut tails: Vec<(usize, &[u32])> = Vec::with_capacity(rows);
+        for (g, &first) in groups.iter().zip(&first_rows) {
+            for (k, r) in g.rows.iter().enumerate() {
+                if k > 0 && g.shared > 0 {
+                    cache.copy_row(first, first + k).map_err(model_err)?;
+                }
+                tails.push((first + k, &r[g.shared..]));
+            }
+        }
+        let flat = self.forward_cached(&mut cache, &tails).map_err(model_err)?;
+        let vocab = self.config().vocab_size;
+        let mut out = Vec::with_capacity(groups.len());
+        let mut offset = 0usize;
+        for g in groups {
+            let mut per_row = Vec::with_capacity(g.rows.len());
+            for r in &g.rows {
+                let n = (r.len() - g.shared) * vocab;
+                per_row.push(flat[offset..offset + n].to_vec());
+                offset += n;
+            }
+            out.push(per_row);
+        }
+        Ok(Some(out))
     }
 }
 

@@ -15,7 +15,6 @@ pub mod core;
 pub mod error;
 pub mod jsonl;
 pub mod model;
-pub mod pyrandom;
 pub mod report;
 pub mod results;
 pub mod sandbox;
@@ -23,4 +22,6 @@ pub mod stage;
 pub mod testing;
 
 pub use error::{EvalError, Result};
-pub use model::{EvalTokenizer, Generator, LogProbModel, LogitsBatch};
+pub use model::{EvalTokenizer, Generator, LogProbModel, LogitsBatch, SharedPrefix};
+/// CPython's `random.Random` (moved to nanochat-data, which the spelling tasks need it in).
+pub use nanochat_data::tasks::pyrandom;

@@ -69,6 +69,30 @@ pub trait LogProbModel {
     }
     /// Forward `tokens` (`batch * seq_len` ids, rows right-padded) and return all logits.
     fn logits(&self, tokens: &[u32], batch: usize, seq_len: usize) -> Result<LogitsBatch>;
+
+    /// Logits of the tail positions only, for groups of rows that share a prefix: for every
+    /// group, every row `r` gets `[r.len() - group.shared, vocab]` logits (row-major) for the
+    /// positions `group.shared..r.len()`. `None` means "not supported": the caller falls back
+    /// to [`LogProbModel::logits`].
+    ///
+    /// Why: a CORE multiple-choice item renders one row per option, and the rows differ only
+    /// in their last few tokens after hundreds of identical few-shot tokens. A model with a KV
+    /// cache runs the shared prefix once per item and the vocabulary projection only where a
+    /// loss is needed, instead of everything for every option.
+    fn tail_logits(&self, groups: &[SharedPrefix<'_>]) -> Result<Option<Vec<Vec<Vec<f32>>>>> {
+        let _ = groups;
+        Ok(None)
+    }
+}
+
+/// Rows (token sequences) whose first `shared` tokens are identical; see
+/// [`LogProbModel::tail_logits`].
+#[derive(Debug, Clone)]
+pub struct SharedPrefix<'a> {
+    /// The sequences, each longer than `shared`.
+    pub rows: Vec<&'a [u32]>,
+    /// Length of the common prefix whose logits are not needed.
+    pub shared: usize,
 }
 
 /// Greedy/sampled completion of a prompt, tool use included (the engine's job).

@@ -9,11 +9,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::bpb::{evaluate_bpb, pack_rows, BpbAccumulator};
 use crate::chat::{
-    chatcore, evaluate_categorical, evaluate_generative, load_chat_task, read_gsm8k_overlap,
-    task_file, ChatKind, ChatScore, GenerativeOptions, CHAT_TASKS,
+    chatcore, evaluate_categorical, evaluate_generative, load_chat_task, load_spelling_bee,
+    read_gsm8k_overlap, task_file, ChatKind, ChatScore, GenerativeOptions, CHAT_TASKS,
+    SPELLING_BEE_SIZE,
 };
 use crate::core::{
-    bundle::load_bundle, custom::load_custom_task, evaluate_task, load_task, CoreOptions, TaskScore,
+    bundle::load_bundle, custom::load_custom_task, evaluate_task, load_task, CoreOptions,
+    ScoringPath, TaskScore,
 };
 use crate::jsonl::{read_jsonl, write_atomic};
 use crate::model::{EvalTokenizer, Generator, LogProbModel};
@@ -27,7 +29,7 @@ use crate::{EvalError, Result};
 pub enum EvalMode {
     /// Base model: CORE (+ custom tasks) and bits per byte.
     Base,
-    /// Chat model: ARC-Easy/Challenge, MMLU, GSM8K, HumanEval and ChatCORE.
+    /// Chat model: ARC-Easy/Challenge, MMLU, GSM8K, HumanEval, SpellingBee and ChatCORE.
     Chat,
 }
 
@@ -74,6 +76,9 @@ pub struct EvalConfig {
     /// Cap on padded tokens per forward pass (bounds logits memory).
     #[serde(default = "default_batch_tokens")]
     pub max_batch_tokens: usize,
+    /// CORE scoring path: `auto` (time both per task, keep the faster), `padded`, `tails`.
+    #[serde(default)]
+    pub scoring: ScoringPath,
     /// Validation text (`{"text": ...}` JSONL) for bits per byte, base mode.
     #[serde(default)]
     pub val_data: Option<PathBuf>,
@@ -95,6 +100,14 @@ pub struct EvalConfig {
     /// When to exclude the overlapping GSM8K rows.
     #[serde(default)]
     pub exclude_gsm8k_overlap: OverlapPolicy,
+    /// SpellingBee's word list (one word per line, `.gz` ok). Default: `words_alpha.txt`
+    /// (nanochat's list) in `eval_dir`, else the shared stand-in
+    /// `../extra/english_words_web2_gcide_alpha_lower.txt.gz` next to `eval_dir`.
+    #[serde(default)]
+    pub spelling_words: Option<PathBuf>,
+    /// SpellingBee items (nanochat: 256).
+    #[serde(default = "default_spelling_bee_size")]
+    pub spelling_bee_size: usize,
     /// HumanEval sandbox limits.
     #[serde(default)]
     pub sandbox: SandboxConfig,
@@ -111,6 +124,36 @@ fn default_new_tokens() -> usize {
 }
 fn default_workers() -> usize {
     2
+}
+fn default_spelling_bee_size() -> usize {
+    SPELLING_BEE_SIZE
+}
+
+/// The SpellingBee word list `cfg` asks for, or the first default that exists.
+fn spelling_words(cfg: &EvalConfig, eval_dir: &Path) -> Result<PathBuf> {
+    if let Some(p) = &cfg.spelling_words {
+        return Ok(p.clone());
+    }
+    let candidates = [
+        eval_dir.join("words_alpha.txt"),
+        eval_dir.join("words_alpha.txt.gz"),
+        eval_dir.join("../extra/english_words_web2_gcide_alpha_lower.txt.gz"),
+    ];
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .ok_or_else(|| {
+            EvalError::Invalid(format!(
+                "SpellingBee needs a word list: none of {} exists; set `spelling_words` in the \
+                 config, or leave SpellingBee out of `tasks` (ChatCORE then is not computed)",
+                candidates
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })
 }
 
 /// What the model is and what it was trained on (from its checkpoint metadata).
@@ -140,7 +183,7 @@ pub struct CoreSection {
 pub struct ChatSection {
     /// Per-task scores.
     pub tasks: Vec<ChatScore>,
-    /// ChatCORE when all five tasks ran.
+    /// ChatCORE when all six tasks ran.
     pub chatcore: Option<f64>,
     /// Whether GSM8K overlap rows were excluded.
     pub gsm8k_overlap_excluded: bool,
@@ -260,6 +303,7 @@ pub fn run_eval(cfg: &EvalConfig, inputs: &EvalInputs<'_>, out_dir: &Path) -> Re
                 max_per_task: max,
                 batch_rows: cfg.batch_size,
                 max_batch_tokens: cfg.max_batch_tokens,
+                scoring: cfg.scoring,
             };
             let mut section = CoreSection::default();
             if let Some(dir) = &cfg.core_dir {
@@ -410,21 +454,36 @@ pub fn run_eval(cfg: &EvalConfig, inputs: &EvalInputs<'_>, out_dir: &Path) -> Re
             let mut sandbox = None;
             for name in &names {
                 check_interrupt(inputs)?;
-                let file = task_file(name).ok_or_else(|| {
-                    EvalError::Invalid(format!(
-                        "unknown chat task {name:?} (known: ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval)"
-                    ))
-                })?;
-                let overlap = if name == "GSM8K" && exclude {
-                    let p = cfg
-                        .gsm8k_overlap
-                        .clone()
-                        .unwrap_or_else(|| eval_dir.join("gsm8k_test_gsm_symbolic_overlap.json"));
-                    Some(read_gsm8k_overlap(&p)?)
+                let task = if name == "SpellingBee" {
+                    let words = spelling_words(cfg, eval_dir)?;
+                    if words
+                        .file_name()
+                        .and_then(|f| f.to_str())
+                        .is_some_and(|f| !f.starts_with("words_alpha"))
+                    {
+                        notes.push(format!(
+                            "SpellingBee: words from {} (not nanochat's words_alpha.txt): same generator, different words",
+                            words.display()
+                        ));
+                    }
+                    load_spelling_bee(&words, cfg.spelling_bee_size, max)?
                 } else {
-                    None
+                    let file = task_file(name).ok_or_else(|| {
+                        EvalError::Invalid(format!(
+                            "unknown chat task {name:?} (known: {})",
+                            CHAT_TASKS.map(|(t, _)| t).join(", ")
+                        ))
+                    })?;
+                    let overlap = if name == "GSM8K" && exclude {
+                        let p = cfg.gsm8k_overlap.clone().unwrap_or_else(|| {
+                            eval_dir.join("gsm8k_test_gsm_symbolic_overlap.json")
+                        });
+                        Some(read_gsm8k_overlap(&p)?)
+                    } else {
+                        None
+                    };
+                    load_chat_task(name, &eval_dir.join(file), overlap.as_ref(), max)?
                 };
-                let task = load_chat_task(name, &eval_dir.join(file), overlap.as_ref(), max)?;
                 let pb = progress(task.items.len(), name);
                 let categorical = matches!(
                     task.items.first().map(|i| &i.kind),
@@ -473,11 +532,6 @@ pub fn run_eval(cfg: &EvalConfig, inputs: &EvalInputs<'_>, out_dir: &Path) -> Re
                 section.tasks.push(score);
             }
             section.chatcore = chatcore(&section.tasks);
-            if section.chatcore.is_some() {
-                notes.push(
-                    "ChatCORE here averages 5 tasks; nanochat's also includes SpellingBee".into(),
-                );
-            }
             metrics.chat = Some(section);
         }
     }

@@ -109,7 +109,7 @@ fn eval_binary_base_and_chat_modes() {
     assert_eq!(m["chat"]["tasks"][1]["errors"], 0);
     assert!(
         m["chat"]["chatcore"].is_null(),
-        "ChatCORE needs all five tasks"
+        "ChatCORE needs all six tasks"
     );
 
     // unknown config key: clear error, non-zero exit

@@ -4,8 +4,9 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use nanochat_eval::chat::{
-    chatcore, evaluate_categorical, evaluate_generative, grade_completions, load_chat_task,
-    read_gsm8k_overlap, ChatItem, ChatKind, ChatScore, ChatTask, GenerativeOptions,
+    chat_baseline, chatcore, evaluate_categorical, evaluate_generative, grade_completions,
+    load_chat_task, load_spelling_bee, read_gsm8k_overlap, ChatItem, ChatKind, ChatScore, ChatTask,
+    GenerativeOptions, CHAT_TASKS,
 };
 use nanochat_eval::sandbox::{Sandbox, SandboxConfig};
 use nanochat_eval::testing::{shared_dir, ByteTokenizer, OracleModel, ScriptedGenerator};
@@ -158,7 +159,9 @@ fn chatcore_needs_every_task_and_averages_centered_scores() {
     ];
     assert_eq!(chatcore(&scores), None);
     scores.push(s("HumanEval", 0.2, 0.0));
-    let want = (0.0 + 1.0 / 3.0 + 1.0 + 0.1 + 0.2) / 5.0;
+    assert_eq!(chatcore(&scores), None, "SpellingBee is part of ChatCORE");
+    scores.push(s("SpellingBee", 0.3, 0.0));
+    let want = (0.0 + 1.0 / 3.0 + 1.0 + 0.1 + 0.2 + 0.3) / 6.0;
     assert!((chatcore(&scores).unwrap() - want).abs() < 1e-12);
 }
 
@@ -369,4 +372,98 @@ fn shared_eval_files_load_without_skips() {
     )
     .unwrap();
     assert_eq!((t.items.len(), t.excluded), (1319 - 85, 85));
+}
+
+/// SpellingBee as nanochat's chat_eval runs it: the test split's items 0..256 in index order,
+/// rendered exactly as `tasks/spellingbee.py` renders them (goldens from the reference), graded
+/// by the `#### N` of the completion, baseline 0.
+#[test]
+fn spelling_bee_renders_like_the_reference_and_grades_the_count() {
+    let golden: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../nanochat-data/testdata/spelling_goldens.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let words: Vec<&str> = golden["words"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w.as_str().unwrap())
+        .collect();
+    let path = dir.path().join("words.txt");
+    std::fs::write(&path, words.join("\n") + "\n").unwrap();
+
+    let task = load_spelling_bee(&path, 12, None).unwrap();
+    assert_eq!(task.items.len(), 12);
+    for (item, g) in task
+        .items
+        .iter()
+        .zip(golden["bee_test"].as_array().unwrap())
+    {
+        assert_eq!(item.user, g[0]["content"].as_str().unwrap());
+        let last = g[1]["content"].as_array().unwrap().last().unwrap()["text"]
+            .as_str()
+            .unwrap();
+        let ChatKind::SpellingBee { answer } = &item.kind else {
+            panic!("{:?}", item.kind)
+        };
+        assert!(last.ends_with(&format!("#### {answer}")), "{last:?}");
+    }
+    assert_eq!(
+        load_spelling_bee(&path, 256, Some(5)).unwrap().items.len(),
+        5
+    );
+
+    // right answers for the even items (a digression first, as a model would write), a wrong
+    // number for the odd ones, and no `####` for item 3
+    let answers: Vec<(String, String)> = task
+        .items
+        .iter()
+        .map(|i| match &i.kind {
+            ChatKind::SpellingBee { answer } => (i.user.clone(), answer.clone()),
+            _ => unreachable!(),
+        })
+        .collect();
+    let gen = ScriptedGenerator::new(move |prompt| {
+        let (k, (_, a)) = answers
+            .iter()
+            .enumerate()
+            .find(|(_, (u, _))| prompt.contains(u.as_str()))
+            .unwrap();
+        match k {
+            3 => format!("It is {a}."),
+            k if k % 2 == 0 => format!("Let me count.\n\nMy final answer is:\n\n#### {a}"),
+            _ => format!("#### {}", a.parse::<u32>().unwrap() + 1),
+        }
+    });
+    let (score, results) = evaluate_generative(
+        &gen,
+        &ByteTokenizer,
+        &task,
+        &GenerativeOptions::default(),
+        None,
+        None,
+    )
+    .unwrap();
+    assert_eq!(score.correct, 6, "{results:#?}");
+    assert_eq!(score.accuracy, 0.5);
+    assert_eq!(score.centered, 0.5, "baseline 0");
+    assert!(results[0].correct && !results[1].correct && !results[3].correct);
+    assert_eq!(chat_baseline("SpellingBee"), 0.0);
+    let names: Vec<&str> = CHAT_TASKS.iter().map(|(t, _)| *t).collect();
+    assert_eq!(
+        names,
+        [
+            "ARC-Easy",
+            "ARC-Challenge",
+            "MMLU",
+            "GSM8K",
+            "HumanEval",
+            "SpellingBee"
+        ]
+    );
 }

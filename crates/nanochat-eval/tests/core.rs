@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use nanochat_eval::core::{
     bundle::load_bundle, centered_accuracy, custom::load_custom_task, evaluate_task, load_task,
-    pick_option, plan_task, render, CoreItem, CoreOptions, TaskType,
+    pick_option, plan_task, render, CoreItem, CoreOptions, ScoringPath, TaskType,
 };
 use nanochat_eval::testing::{ByteTokenizer, OracleModel};
 
@@ -381,6 +381,68 @@ fn shared_core_rendering_matches_reference_goldens() {
                 &prompts[0].chars().take(120).collect::<String>(),
                 want["first_prompt_head"]
             );
+        }
+    }
+}
+
+/// A `Gpt` seen only through `logits`: the padded full-forward path.
+struct PaddedOnly<'a>(&'a nanochat_model::Gpt);
+
+impl nanochat_eval::LogProbModel for PaddedOnly<'_> {
+    fn max_seq_len(&self) -> Option<usize> {
+        nanochat_eval::LogProbModel::max_seq_len(self.0)
+    }
+    fn logits(
+        &self,
+        tokens: &[u32],
+        batch: usize,
+        seq_len: usize,
+    ) -> nanochat_eval::Result<nanochat_eval::LogitsBatch> {
+        nanochat_eval::LogProbModel::logits(self.0, tokens, batch, seq_len)
+    }
+}
+
+/// The KV-cached path (shared prefix once per item, vocabulary projection only on the tails)
+/// must give the padded path's decisions and, up to float rounding, its losses, on every task
+/// type, including rows cropped on the left.
+#[test]
+fn cached_tails_match_the_padded_forward() {
+    use nanochat_model::{Gpt, GptConfig};
+    let gpt = Gpt::new(GptConfig::from_depth(1, 260, 32).unwrap(), 3).unwrap();
+    let specs = load_bundle(&sample_dir()).unwrap();
+    for spec in &specs {
+        let task = load_task(spec).unwrap();
+        let opts = CoreOptions {
+            batch_rows: 5,
+            scoring: ScoringPath::Tails,
+            ..Default::default()
+        };
+        let (a, ra) = evaluate_task(&gpt, &ByteTokenizer, &task, &opts, None).unwrap();
+        let (b, rb) = evaluate_task(&PaddedOnly(&gpt), &ByteTokenizer, &task, &opts, None).unwrap();
+        // and the per-task choice between both paths decides the same
+        let auto = CoreOptions {
+            scoring: ScoringPath::Auto,
+            ..opts.clone()
+        };
+        let (c, _) = evaluate_task(&gpt, &ByteTokenizer, &task, &auto, None).unwrap();
+        assert_eq!(c.correct, b.correct, "{}", spec.label);
+        assert_eq!(
+            (a.correct, a.errors),
+            (b.correct, b.errors),
+            "{}",
+            spec.label
+        );
+        assert_eq!(ra.len(), rb.len());
+        for (x, y) in ra.iter().zip(&rb) {
+            assert_eq!((&x.got, x.correct, &x.error), (&y.got, y.correct, &y.error));
+            assert_eq!(x.scores.len(), y.scores.len());
+            for (p, q) in x.scores.iter().zip(&y.scores) {
+                assert!(
+                    (p.is_nan() && q.is_nan()) || (p - q).abs() < 1e-4,
+                    "{}: {p} vs {q}",
+                    spec.label
+                );
+            }
         }
     }
 }

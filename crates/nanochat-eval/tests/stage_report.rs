@@ -121,6 +121,8 @@ fn chat_eval_dir() -> tempfile::TempDir {
         &dir.path().join("humaneval.jsonl.gz.src"),
         &dir.path().join("humaneval.jsonl.gz"),
     );
+    // SpellingBee's word list, under nanochat's file name
+    std::fs::write(dir.path().join("words_alpha.txt"), "zzzz\n").unwrap();
     std::fs::write(
         dir.path().join("gsm8k_test_gsm_symbolic_overlap.json"),
         r#"{"rows": [{"row": 2, "question": "Tom has 3 apples and eats one. How many are left?"}]}"#,
@@ -144,6 +146,10 @@ fn eval_chat(
     let gen = ScriptedGenerator::new(|p| {
         if p.contains("def inc") {
             "```python\ndef inc(x):\n    return x + 1\n```".into()
+        } else if p.contains("zzzz") {
+            // right whenever the question asks about `z` (~90%: the letter is drawn from the
+            // word), wrong for the random other letters
+            "#### 4".into()
         } else {
             "#### 18".into()
         }
@@ -182,13 +188,34 @@ fn chat_stage_runs_all_tasks_and_computes_chatcore() {
         vec!["chat/gsm_symbolic_train.jsonl.gz".into()],
     );
     let chat = m.chat.as_ref().unwrap();
-    assert_eq!(chat.tasks.len(), 5);
+    let names: Vec<&str> = chat.tasks.iter().map(|t| t.task.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "ARC-Easy",
+            "ARC-Challenge",
+            "MMLU",
+            "GSM8K",
+            "HumanEval",
+            "SpellingBee"
+        ]
+    );
+    let bee = chat.tasks.iter().find(|t| t.task == "SpellingBee").unwrap();
+    assert_eq!(bee.items, 256);
+    assert_eq!(bee.centered, bee.accuracy, "generative: baseline 0");
+    let results = std::fs::read_to_string(out.path().join("results/SpellingBee.jsonl")).unwrap();
+    let want = results
+        .lines()
+        .filter(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["expected"] == "4")
+        .count();
+    assert_eq!(bee.correct, want);
+    assert!(200 < want && want < 256, "{want}");
     let he = chat.tasks.iter().find(|t| t.task == "HumanEval").unwrap();
     assert_eq!((he.items, he.correct), (1, 1));
     let gsm = chat.tasks.iter().find(|t| t.task == "GSM8K").unwrap();
     assert_eq!((gsm.items, gsm.excluded, gsm.correct), (2, 1, 1));
     assert!(chat.gsm8k_overlap_excluded);
-    let want = chat.tasks.iter().map(|t| t.centered).sum::<f64>() / 5.0;
+    let want = chat.tasks.iter().map(|t| t.centered).sum::<f64>() / 6.0;
     assert_eq!(chat.chatcore, Some(want));
     // not trained on gsm_symbolic: nothing excluded
     let out2 = tempfile::tempdir().unwrap();
@@ -323,6 +350,15 @@ fn tiny_pipeline_eval_configs_parse_and_point_at_shipped_data() {
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         for dir in [&cfg.core_dir, &cfg.eval_dir].into_iter().flatten() {
             assert!(root.join(dir).is_dir(), "{name}: {} missing", dir.display());
+        }
+        if cfg.eval_dir.is_some() {
+            // SpellingBee (part of ChatCORE) needs its word list from the repository
+            let words = cfg.spelling_words.as_ref().expect("spelling_words");
+            assert!(
+                root.join(words).is_file(),
+                "{name}: {} missing",
+                words.display()
+            );
         }
     }
     let specs =

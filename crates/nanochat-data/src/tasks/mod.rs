@@ -9,6 +9,7 @@
 //! [`TaskMixture`] interleaves tasks with a seeded shuffle (list a task twice to oversample it),
 //! [`TaskSlice`] takes `start..stop` by `step` like the reference's `Task(start, stop, step)`.
 
+pub mod pyrandom;
 mod spelling;
 
 use std::io::{BufRead, BufReader, Read};

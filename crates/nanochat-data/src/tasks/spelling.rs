@@ -1,15 +1,18 @@
 //! Synthetic spelling tasks (nanochat's `SpellingBee` and `SimpleSpelling`): item `i` is drawn
 //! from its own seeded generator, so any item can be produced on demand in any order.
 //!
-//! The generator is SplitMix64 rather than CPython's Mersenne Twister, so the words drawn differ
-//! from the reference's; the templates, the answer format and the python tool call are the same.
+//! The generator is CPython's `random.Random` ([`PyRandom`]), seeded and consumed in the
+//! reference's order, so with the same word list (dwyl's `words_alpha.txt`) item `i` is the
+//! reference's item `i`, character for character. With another list (the shared stand-in),
+//! only the words differ.
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 
 use nanochat_tokenizer::chat::{Content, Conversation, Message, Part, PartKind, Role};
 
-use super::{out_of_range, EvalType, Example, SplitMix64, Task};
+use super::pyrandom::PyRandom;
+use super::{out_of_range, EvalType, Example, Task};
 use crate::DataError;
 
 const LETTERS: &str = "abcdefghijklmnopqrstuvwxyz";
@@ -112,8 +115,10 @@ fn seed_of(split: SpellingSplit, index: usize) -> u64 {
     }
 }
 
-fn pick<'a, T>(rng: &mut SplitMix64, items: &'a [T]) -> &'a T {
-    &items[rng.below(items.len() as u64) as usize]
+/// `rng.choice(items)` on a list that is known not to be empty (word lists are checked on
+/// load; words, templates and quotes are never empty).
+fn pick<'a, T>(rng: &mut PyRandom, items: &'a [T]) -> &'a T {
+    &items[rng.randbelow(items.len())]
 }
 
 /// "How many `r` are in `strawberry`?" answered by spelling it out, then checking with python.
@@ -145,10 +150,12 @@ impl Task for SpellingBee {
         if index >= self.size {
             return Err(out_of_range(self.name(), index, self.size));
         }
-        let mut rng = SplitMix64::new(seed_of(self.split, index) ^ 0x5bee);
+        // The draws happen in the reference's order: word, letter (random() first), template,
+        // lowercase?, the two quotes, question mark?
+        let mut rng = PyRandom::new(seed_of(self.split, index));
         let word = pick(&mut rng, &self.words).clone();
         let chars: Vec<char> = word.chars().collect();
-        let letter = if rng.unit() < 0.9 {
+        let letter = if rng.random() < 0.9 {
             *pick(&mut rng, &chars)
         } else {
             let l: Vec<char> = LETTERS.chars().collect();
@@ -156,7 +163,7 @@ impl Task for SpellingBee {
         };
         let count = chars.iter().filter(|&&c| c == letter).count();
         let mut template = pick(&mut rng, TEMPLATES).to_string();
-        if rng.unit() < 0.3 {
+        if rng.random() < 0.3 {
             template = template.to_lowercase();
         }
         let quotes = ["", "'", "\""];
@@ -165,7 +172,7 @@ impl Task for SpellingBee {
         let mut user = template
             .replace("{letter}", &format!("{lq}{letter}{lq}"))
             .replace("{word}", &format!("{wq}{word}{wq}"));
-        if rng.unit() < 0.5 {
+        if rng.random() < 0.5 {
             user.push('?');
         }
         let spelled: Vec<String> = chars.iter().map(|c| c.to_string()).collect();
@@ -223,15 +230,11 @@ pub struct SimpleSpelling {
 }
 
 impl SimpleSpelling {
-    /// `size` items over the word list at `words` (shuffled with a fixed seed so the word order
-    /// differs from [`SpellingBee`]'s).
+    /// `size` items over the word list at `words` (shuffled with `Random(42)`, as the
+    /// reference, so the word order differs from [`SpellingBee`]'s).
     pub fn load(words: &Path, size: usize, split: SpellingSplit) -> Result<Self, DataError> {
         let mut words = load_words(words)?;
-        let mut rng = SplitMix64::new(42);
-        for i in (1..words.len()).rev() {
-            let j = rng.below(i as u64 + 1) as usize;
-            words.swap(i, j);
-        }
+        PyRandom::new(42).shuffle(&mut words);
         Ok(SimpleSpelling { words, size, split })
     }
 }
@@ -247,7 +250,7 @@ impl Task for SimpleSpelling {
         if index >= self.size {
             return Err(out_of_range(self.name(), index, self.size));
         }
-        let mut rng = SplitMix64::new(seed_of(self.split, index));
+        let mut rng = PyRandom::new(seed_of(self.split, index));
         let word = pick(&mut rng, &self.words).clone();
         let spelled: Vec<String> = word.chars().map(|c| c.to_string()).collect();
         Ok(Example {
@@ -298,6 +301,42 @@ mod tests {
         assert_eq!(t.get(3).unwrap(), t.get(3).unwrap());
         let test = SpellingBee::load(&words_file(d.path()), 50, SpellingSplit::Test).unwrap();
         assert!((0..50).any(|i| test.get(i).unwrap() != t.get(i).unwrap()));
+    }
+
+    /// Items rendered by nanochat's own `tasks/spellingbee.py` on a 10-word list
+    /// (`testdata/make_spelling_goldens.py`): every message of every item must be identical.
+    #[test]
+    fn items_match_the_reference_goldens() {
+        let golden: serde_json::Value =
+            serde_json::from_str(include_str!("../../testdata/spelling_goldens.json")).unwrap();
+        let d = tempfile::tempdir().unwrap();
+        let words: Vec<&str> = golden["words"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| w.as_str().unwrap())
+            .collect();
+        let path = d.path().join("words.txt");
+        std::fs::write(&path, words.join("\n") + "\n").unwrap();
+        for (key, split) in [
+            ("train", SpellingSplit::Train),
+            ("test", SpellingSplit::Test),
+        ] {
+            let bee = SpellingBee::load(&path, 12, split).unwrap();
+            let simple = SimpleSpelling::load(&path, 5, split).unwrap();
+            for (task, name) in [
+                (&bee as &dyn Task, format!("bee_{key}")),
+                (&simple as &dyn Task, format!("simple_{key}")),
+            ] {
+                let want = golden[&name].as_array().unwrap();
+                assert_eq!(want.len(), task.len());
+                for (i, w) in want.iter().enumerate() {
+                    let want: Vec<Message> = serde_json::from_value(w.clone()).unwrap();
+                    let got = task.get(i).unwrap().conversation.messages;
+                    assert_eq!(got, want, "{name} item {i}");
+                }
+            }
+        }
     }
 
     #[test]

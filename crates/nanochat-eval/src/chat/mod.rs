@@ -1,5 +1,6 @@
 //! Chat-model evaluation: ARC-Easy/Challenge and MMLU as categorical tasks (compare the
-//! logits of the answer letters), GSM8K and HumanEval as generative tasks, and ChatCORE.
+//! logits of the answer letters), GSM8K, HumanEval and SpellingBee as generative tasks, and
+//! ChatCORE over all six.
 
 pub mod gsm8k;
 pub mod humaneval;
@@ -23,14 +24,19 @@ use crate::{EvalError, Result};
 /// permutation differs; the full-set scores are order independent).
 pub const CHAT_SHUFFLE_SEED: u64 = 42;
 
-/// The chat tasks nanochat's report tracks, with their ChatCORE baselines.
-pub const CHAT_TASKS: [(&str, f64); 5] = [
+/// The tasks of nanochat's `chat_eval.py` (48abd7d), in its order, with their ChatCORE
+/// baselines: 0.25 for the 4-way multiple choice tasks, 0 for the generative ones.
+pub const CHAT_TASKS: [(&str, f64); 6] = [
     ("ARC-Easy", 0.25),
     ("ARC-Challenge", 0.25),
     ("MMLU", 0.25),
     ("GSM8K", 0.0),
     ("HumanEval", 0.0),
+    ("SpellingBee", 0.0),
 ];
+
+/// Items of the SpellingBee evaluation (`SpellingBee(size=256, split="test")` in nanochat).
+pub const SPELLING_BEE_SIZE: usize = 256;
 
 /// The random-guess accuracy of a chat task (0 for generative and unknown tasks).
 pub fn chat_baseline(task: &str) -> f64 {
@@ -55,6 +61,11 @@ pub enum ChatKind {
     /// Generate a solution whose `#### N` equals `answer`.
     Gsm8k {
         /// The reference number.
+        answer: String,
+    },
+    /// Generate a letter count whose `#### N` equals `answer` (graded as GSM8K).
+    SpellingBee {
+        /// The count.
         answer: String,
     },
     /// Generate code that passes `test`.
@@ -293,6 +304,55 @@ pub fn load_chat_task(
         items,
         skipped,
         excluded,
+    })
+}
+
+/// SpellingBee's test split as nanochat evaluates it: items `0..size` of
+/// `SpellingBee(split="test")` over the word list at `words`, in index order (the reference
+/// does not shuffle it), cropped to `max_items`. The rendering is
+/// [`nanochat_data::tasks::SpellingBee`], a bit-exact port of nanochat's generator.
+pub fn load_spelling_bee(words: &Path, size: usize, max_items: Option<usize>) -> Result<ChatTask> {
+    use nanochat_data::tasks::{SpellingBee, SpellingSplit, Task};
+    use nanochat_tokenizer::chat::Content;
+    let task = SpellingBee::load(words, size, SpellingSplit::Test)
+        .map_err(|e| EvalError::config(words, e.to_string()))?;
+    let n = max_items.map_or(size, |m| m.min(size));
+    let mut items = Vec::with_capacity(n);
+    for i in 0..n {
+        let ex = task
+            .get(i)
+            .map_err(|e| EvalError::Invalid(format!("SpellingBee item {i}: {e}")))?;
+        let user = match ex.conversation.messages.first().map(|m| &m.content) {
+            Some(Content::Text(t)) => t.clone(),
+            _ => {
+                return Err(EvalError::Invalid(format!(
+                    "SpellingBee item {i}: the first message is not plain user text"
+                )))
+            }
+        };
+        // The reference grades against the `#### N` of the solution's last text part.
+        let answer = match ex.conversation.messages.last().map(|m| &m.content) {
+            Some(Content::Parts(parts)) => {
+                parts.last().and_then(|p| gsm8k::extract_answer(&p.text))
+            }
+            _ => None,
+        }
+        .ok_or_else(|| {
+            EvalError::Invalid(format!(
+                "SpellingBee item {i}: the solution has no `#### N`"
+            ))
+        })?;
+        items.push(ChatItem {
+            line: i + 1,
+            user,
+            kind: ChatKind::SpellingBee { answer },
+        });
+    }
+    Ok(ChatTask {
+        name: "SpellingBee".into(),
+        items,
+        skipped: Vec::new(),
+        excluded: 0,
     })
 }
 
@@ -567,7 +627,7 @@ pub fn grade_completions(
             }
         };
         match &item.kind {
-            ChatKind::Gsm8k { answer } => {
+            ChatKind::Gsm8k { answer } | ChatKind::SpellingBee { answer } => {
                 r.expected = answer.clone();
                 let pred = gsm8k::extract_answer(completion);
                 r.correct = pred.as_deref() == Some(answer.as_str());
@@ -632,7 +692,7 @@ pub fn grade_completions(
 }
 
 /// ChatCORE: the mean centered accuracy over the given task scores, computed only when every
-/// task of [`CHAT_TASKS`] is present (nanochat also requires all of its tasks).
+/// task of [`CHAT_TASKS`] is present (as nanochat requires all six, SpellingBee included).
 pub fn chatcore(scores: &[ChatScore]) -> Option<f64> {
     let all = CHAT_TASKS
         .iter()

@@ -74,6 +74,9 @@ pub struct CoreOptions {
     pub batch_rows: usize,
     /// Cap on `rows * padded_len` per forward, bounding logits memory.
     pub max_batch_tokens: usize,
+    /// How rows are scored (default: measure both, keep the faster).
+    #[serde(default)]
+    pub scoring: ScoringPath,
 }
 
 impl Default for CoreOptions {
@@ -82,8 +85,23 @@ impl Default for CoreOptions {
             max_per_task: None,
             batch_rows: 16,
             max_batch_tokens: 16_384,
+            scoring: ScoringPath::Auto,
         }
     }
+}
+
+/// The two ways to get the logits CORE needs; both give the same decisions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScoringPath {
+    /// Time one group each way per task, then use the faster.
+    #[default]
+    Auto,
+    /// One right-padded forward per group ([`LogProbModel::logits`]).
+    Padded,
+    /// Shared prefix once per item, then the tails ([`LogProbModel::tail_logits`]); falls
+    /// back to padded when the model does not support it.
+    Tails,
 }
 
 /// Score of one task.
@@ -213,12 +231,38 @@ pub fn evaluate_task(
     let mut pending_rows = 0usize;
     let mut pending_max_len = 0usize;
 
-    let flush =
+    let mut chooser = PathChooser {
+        forced: match opts.scoring {
+            ScoringPath::Auto => None,
+            ScoringPath::Padded => Some(false),
+            ScoringPath::Tails => Some(true),
+        },
+        ..Default::default()
+    };
+    let mut flush =
         |pending: &mut Vec<Prepared>, results: &mut Vec<Option<ItemResult>>| -> Result<()> {
             if pending.is_empty() {
                 return Ok(());
             }
-            let outcomes = score_group(model, tokenizer.bos_id(), spec.task_type, pending)?;
+            let tokens: usize = pending
+                .iter()
+                .filter_map(|p| p.seqs.as_ref().ok())
+                .flat_map(|s| s.tokens.iter().map(Vec::len))
+                .sum();
+            let try_tails = chooser.try_tails();
+            let t0 = Instant::now();
+            let (outcomes, used_tails) = score_group(
+                model,
+                tokenizer.bos_id(),
+                spec.task_type,
+                pending,
+                try_tails,
+            )?;
+            chooser.record(
+                try_tails,
+                used_tails,
+                t0.elapsed().as_secs_f64() / tokens.max(1) as f64,
+            );
             for (p, outcome) in pending.drain(..).zip(outcomes) {
                 let item = data[p.index];
                 let (line, _) = &task.items[order[p.index]];
@@ -293,29 +337,115 @@ struct Outcome {
     error: Option<String>,
 }
 
-/// One forward over the rows of several items, then per-item decisions.
+/// Where each row's scored tokens come from: one padded forward, or per-row tails after a
+/// shared prefix (see [`LogProbModel::tail_logits`]).
+enum GroupLogits {
+    Padded(crate::model::LogitsBatch),
+    /// Per row (in group order): the logits of positions `shared..len` and `shared`.
+    Tails(Vec<(crate::model::LogitsBatch, usize)>),
+}
+
+impl GroupLogits {
+    /// Losses and argmax of `row` for the tokens at `start..end` of `toks`.
+    fn score(&self, row: usize, toks: &[u32], start: usize, end: usize) -> (Vec<f64>, Vec<u32>) {
+        match self {
+            GroupLogits::Padded(l) => {
+                row_losses_and_argmax(l, row, start - 1..end - 1, &toks[start..end])
+            }
+            GroupLogits::Tails(tails) => {
+                let (l, shared) = &tails[row];
+                row_losses_and_argmax(
+                    l,
+                    0,
+                    start - 1 - shared..end - 1 - shared,
+                    &toks[start..end],
+                )
+            }
+        }
+    }
+}
+
+/// How many leading tokens the rows of an item can share without losing a scored position:
+/// their common prefix, but never past the position before the first scored token.
+fn shareable_prefix(seqs: &ScoredSequences) -> usize {
+    let first = &seqs.tokens[0];
+    let mut common = first.len();
+    for t in &seqs.tokens[1..] {
+        common = common.min(first.iter().zip(t).take_while(|(a, b)| a == b).count());
+    }
+    let first_scored = seqs.starts.iter().copied().min().unwrap_or(0);
+    common.min(first_scored.saturating_sub(1))
+}
+
+/// One batched model call over the rows of several items, then per-item decisions.
 fn score_group(
     model: &dyn LogProbModel,
     pad: u32,
     task_type: TaskType,
     group: &[Prepared],
-) -> Result<Vec<Outcome>> {
-    let rows: Vec<&Vec<u32>> = group
-        .iter()
-        .filter_map(|p| p.seqs.as_ref().ok())
-        .flat_map(|s| s.tokens.iter())
-        .collect();
+    try_tails: bool,
+) -> Result<(Vec<Outcome>, bool)> {
+    let items: Vec<&ScoredSequences> = group.iter().filter_map(|p| p.seqs.as_ref().ok()).collect();
+    let rows: Vec<&Vec<u32>> = items.iter().flat_map(|s| s.tokens.iter()).collect();
     let logits = if rows.is_empty() {
         None
     } else {
-        let seq_len = rows.iter().map(|r| r.len()).max().unwrap_or(0);
-        let mut flat = vec![pad; rows.len() * seq_len];
-        for (i, r) in rows.iter().enumerate() {
-            flat[i * seq_len..i * seq_len + r.len()].copy_from_slice(r);
+        let shared: Vec<crate::model::SharedPrefix<'_>> = items
+            .iter()
+            .map(|s| crate::model::SharedPrefix {
+                rows: s.tokens.iter().map(Vec::as_slice).collect(),
+                shared: shareable_prefix(s),
+            })
+            .collect();
+        let tails = if try_tails {
+            model.tail_logits(&shared)?
+        } else {
+            None
+        };
+        match tails {
+            Some(per_group) => {
+                let mut tails = Vec::with_capacity(rows.len());
+                for (g, per_row) in shared.iter().zip(per_group) {
+                    for (r, data) in g.rows.iter().zip(per_row) {
+                        let n = r.len() - g.shared;
+                        if n == 0 || data.len() % n != 0 || data.is_empty() {
+                            return Err(EvalError::Model(format!(
+                                "tail logits: {} values for {n} positions",
+                                data.len()
+                            )));
+                        }
+                        let vocab = data.len() / n;
+                        tails.push((
+                            crate::model::LogitsBatch {
+                                batch: 1,
+                                seq_len: n,
+                                vocab,
+                                data,
+                            },
+                            g.shared,
+                        ));
+                    }
+                }
+                if tails.len() != rows.len() {
+                    return Err(EvalError::Model(format!(
+                        "tail logits for {} rows, expected {}",
+                        tails.len(),
+                        rows.len()
+                    )));
+                }
+                Some(GroupLogits::Tails(tails))
+            }
+            None => {
+                let seq_len = rows.iter().map(|r| r.len()).max().unwrap_or(0);
+                let mut flat = vec![pad; rows.len() * seq_len];
+                for (i, r) in rows.iter().enumerate() {
+                    flat[i * seq_len..i * seq_len + r.len()].copy_from_slice(r);
+                }
+                let l = model.logits(&flat, rows.len(), seq_len)?;
+                l.validate(rows.len(), seq_len)?;
+                Some(GroupLogits::Padded(l))
+            }
         }
-        let l = model.logits(&flat, rows.len(), seq_len)?;
-        l.validate(rows.len(), seq_len)?;
-        Some(l)
     };
     let mut row = 0usize;
     let mut out = Vec::with_capacity(group.len());
@@ -339,7 +469,7 @@ fn score_group(
         let mut lm_correct = true;
         for (k, toks) in seqs.tokens.iter().enumerate() {
             let (s, e) = (seqs.starts[k], seqs.ends[k]);
-            let (losses, argmax) = row_losses_and_argmax(logits, row, s - 1..e - 1, &toks[s..e]);
+            let (losses, argmax) = logits.score(row, toks, s, e);
             let mean = if losses.is_empty() {
                 f64::NAN
             } else {
@@ -370,5 +500,48 @@ fn score_group(
         };
         out.push(outcome);
     }
-    Ok(out)
+    let used_tails = matches!(logits, Some(GroupLogits::Tails(_)));
+    Ok((out, used_tails))
+}
+
+/// Picks, per task, the faster of the two scoring paths (padded forward or cached tails): the
+/// first group is scored padded, the second through [`LogProbModel::tail_logits`], and the
+/// rest by whichever took less time per row token. Which one wins depends on the model and the
+/// task (prefix length vs. number of options vs. vocabulary size), and both give the same
+/// decisions (`cached_tails_match_the_padded_forward`), so measuring is simplest.
+#[derive(Debug, Default)]
+struct PathChooser {
+    forced: Option<bool>,
+    padded: Option<f64>,
+    tails: Option<f64>,
+    tails_unsupported: bool,
+}
+
+impl PathChooser {
+    fn try_tails(&self) -> bool {
+        if self.tails_unsupported {
+            return false;
+        }
+        if let Some(f) = self.forced {
+            return f;
+        }
+        match (self.padded, self.tails) {
+            (None, _) => false,
+            (Some(_), None) => true,
+            (Some(p), Some(t)) => t < p,
+        }
+    }
+
+    fn record(&mut self, tried_tails: bool, used_tails: bool, secs_per_token: f64) {
+        if tried_tails && !used_tails {
+            self.tails_unsupported = true;
+        }
+        let slot = if used_tails {
+            &mut self.tails
+        } else {
+            &mut self.padded
+        };
+        // keep the first measurement of each path: later groups then cannot flip-flop
+        slot.get_or_insert(secs_per_token);
+    }
 }

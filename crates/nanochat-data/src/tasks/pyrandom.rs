@@ -1,11 +1,12 @@
-//! A bit-exact port of the parts of CPython's `random.Random` that nanochat's evaluation
-//! depends on: integer seeding, `shuffle` and `sample`.
+//! A bit-exact port of the parts of CPython's `random.Random` that nanochat's tasks and
+//! evaluation depend on: integer seeding, `random`, `choice`, `shuffle` and `sample`.
 //!
 //! Why port a PRNG instead of using `rand`: CORE shuffles every task with `Random(1337)` and draws
-//! the few-shot examples of item `i` with `Random(1234 + i).sample(...)`. Using the same
+//! the few-shot examples of item `i` with `Random(1234 + i).sample(...)`, and the spelling tasks
+//! draw item `i` from `Random(i)` (test split: `Random(10_000_000 + i)`). Using the same
 //! generator (MT19937 with CPython's `init_by_array` seeding and its rejection-sampling
-//! `_randbelow`) means the same items are evaluated with the same few-shot prompts, so CORE
-//! numbers (and `max_per_task` subsets) are comparable with the reference.
+//! `_randbelow`) means the same items are evaluated with the same prompts, so the numbers (and
+//! `max_per_task` subsets) are comparable with the reference.
 
 const N: usize = 624;
 const M: usize = 397;
@@ -142,6 +143,22 @@ impl PyRandom {
         }
     }
 
+    /// `random()`: a float in `[0, 1)` from two outputs (27 + 26 bits), as `genrand_res53`.
+    pub fn random(&mut self) -> f64 {
+        let a = (self.next_u32() >> 5) as f64;
+        let b = (self.next_u32() >> 6) as f64;
+        (a * 67_108_864.0 + b) * (1.0 / 9_007_199_254_740_992.0)
+    }
+
+    /// `choice(seq)`: one element picked with `_randbelow(len)`; `None` for an empty slice
+    /// (where CPython raises `IndexError`).
+    pub fn choice<'a, T>(&mut self, items: &'a [T]) -> Option<&'a T> {
+        if items.is_empty() {
+            return None;
+        }
+        items.get(self.randbelow(items.len()))
+    }
+
     /// In-place Fisher-Yates exactly as `random.shuffle`.
     pub fn shuffle<T>(&mut self, items: &mut [T]) {
         for i in (1..items.len()).rev() {
@@ -219,6 +236,21 @@ mod tests {
         let got = PyRandom::new(1234).sample(&pop, 3).unwrap();
         assert_eq!(got, vec![7, 0, 6]);
         assert!(PyRandom::new(1).sample(&pop, 9).is_none());
+    }
+
+    //   r = random.Random(10_000_003); [r.random() for _ in range(2)], r.choice(range(370105)),
+    //   r.choice("strawberry")
+    #[test]
+    fn random_and_choice_match_cpython() {
+        let mut r = PyRandom::new(10_000_003);
+        let want = (0.1932888414592686, 0.17568543108211154, 251_853, 's');
+        assert_eq!(r.random(), want.0);
+        assert_eq!(r.random(), want.1);
+        let big: Vec<usize> = (0..370_105).collect();
+        assert_eq!(*r.choice(&big).unwrap(), want.2);
+        let chars: Vec<char> = "strawberry".chars().collect();
+        assert_eq!(*r.choice(&chars).unwrap(), want.3);
+        assert!(r.choice::<u8>(&[]).is_none());
     }
 
     //   random.Random(2**40 + 7).getrandbits(32)  (two-word seed)
