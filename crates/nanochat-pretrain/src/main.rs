@@ -8,15 +8,17 @@
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use clap::Parser;
-use nanochat_artifacts::stage::{self, StageArgs, StageContext};
+use nanochat_artifacts::stage::{self, StageContext};
 use nanochat_data::packer::LoaderSpec;
 use nanochat_data::{list_shards, PretrainLoader, Split};
 use nanochat_model::{CheckpointMeta, Gpt, GptConfig};
 use nanochat_tokenizer::Tokenizer;
-use nanochat_train::trainer::{train, BatchSource, LoopConfig, Outcome, RunDirs, TrainJob};
+use nanochat_train::process;
+use nanochat_train::trainer::{train, BatchSource, LoopConfig, RunDirs, TrainJob};
 use nanochat_train::TrainError;
 use serde::Deserialize;
+
+mod parity_dump;
 
 /// The stage config.
 #[derive(Debug, Deserialize)]
@@ -52,13 +54,35 @@ struct DataSection {
     /// Batches prepared ahead by the loader thread.
     #[serde(default = "default_prefetch")]
     prefetch: usize,
+    /// This process's data-parallel rank: it reads documents `rank, rank + world_size, …` of
+    /// every shard (training and validation), nanochat's sharding. Must be < `world_size`.
+    #[serde(default)]
+    rank: usize,
+    /// Number of data-parallel ranks (1: this process reads everything).
+    #[serde(default = "default_world_size")]
+    world_size: usize,
 }
 
 impl Default for DataSection {
     fn default() -> Self {
         DataSection {
             prefetch: default_prefetch(),
+            rank: 0,
+            world_size: default_world_size(),
         }
+    }
+}
+
+impl DataSection {
+    fn validate(&self) -> Result<()> {
+        if self.world_size == 0 || self.rank >= self.world_size {
+            anyhow::bail!(
+                "[data] rank = {} with world_size = {}: need world_size ≥ 1 and 0 ≤ rank < world_size",
+                self.rank,
+                self.world_size
+            );
+        }
+        Ok(())
     }
 }
 
@@ -66,34 +90,20 @@ fn default_prefetch() -> usize {
     4
 }
 
-fn main() {
-    let code = match run() {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("nanochat-pretrain: error: {e:#}");
-            1
-        }
-    };
-    std::process::exit(code);
+fn default_world_size() -> usize {
+    1
 }
 
-fn run() -> Result<i32> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
-    stage::install_signal_handlers()?;
-    let ctx = StageContext::new(StageArgs::parse())?;
+fn main() {
+    nanochat_train::process::run_stage("nanochat-pretrain", run)
+}
+
+fn run(ctx: &StageContext) -> Result<i32> {
     let mut cfg: Config = ctx.config()?;
-    if cfg.threads > 0 {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(cfg.threads)
-            .build_global()
-            .context("configuring the thread pool")?;
-    }
+    cfg.data
+        .validate()
+        .with_context(|| format!("{}", ctx.config_path().display()))?;
+    process::set_threads(cfg.threads)?;
     let tok_dir = ctx.input("tokenizer")?;
     let tokenizer = Arc::new(
         Tokenizer::load(tok_dir)
@@ -123,16 +133,24 @@ fn run() -> Result<i32> {
         shards,
         b,
         t,
-        rank: 0,
-        world_size: 1,
+        rank: cfg.data.rank,
+        world_size: cfg.data.world_size,
         prefetch: cfg.data.prefetch,
     };
+    let dump = parity_dump::ParityDump::from_env()?;
+    if let Some(d) = &dump {
+        d.write_start(&model, &cfg.train, b, t)?;
+    }
     let mut make_train = |state| -> Result<Box<dyn BatchSource>, TrainError> {
-        Ok(Box::new(PretrainLoader::start(
+        let loader: Box<dyn BatchSource> = Box::new(PretrainLoader::start(
             spec(train_shards.clone()),
             tokenizer.clone(),
             state,
-        )?))
+        )?);
+        Ok(match &dump {
+            Some(d) => Box::new(d.wrap(loader)?),
+            None => loader,
+        })
     };
     let mut make_val = || -> Result<Box<dyn BatchSource>, TrainError> {
         Ok(Box::new(PretrainLoader::start(
@@ -152,17 +170,6 @@ fn run() -> Result<i32> {
         meta: CheckpointMeta::new(0),
         interrupted: &stage::interrupted,
     };
-    match train(job, model, &mut make_train, &mut make_val)? {
-        Outcome::Finished {
-            val_bpb,
-            train_loss,
-        } => {
-            tracing::info!(?val_bpb, train_loss, "pretraining done");
-            Ok(0)
-        }
-        Outcome::Interrupted { step } => {
-            tracing::warn!(step, "stopped by signal; rerun to resume");
-            Ok(stage::interrupt_exit_code().unwrap_or(130))
-        }
-    }
+    let outcome = train(job, model, &mut make_train, &mut make_val)?;
+    Ok(process::exit_code(outcome, "pretraining"))
 }

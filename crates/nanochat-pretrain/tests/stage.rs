@@ -139,3 +139,125 @@ fn unknown_config_key_and_bad_shard_name_the_file() {
     let err = stderr(&o);
     assert!(err.contains("a.jsonl"), "{err}");
 }
+
+/// Documents (marker strings) in the order the training loop consumed them, from a
+/// `NANOCHAT_PARITY_DUMP` batch file of a byte-tokenizer run: each micro-batch is `b·t` inputs
+/// then `b·t` targets; the packer's stream is the inputs followed by the last target.
+fn consumed_documents(batches: &Path, b: usize, t: usize, bos: u32) -> Vec<String> {
+    let bytes = std::fs::read(batches).unwrap();
+    let words: Vec<u32> = bytes
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    let mut stream = Vec::new();
+    for batch in words.chunks_exact(2 * b * t) {
+        stream.extend_from_slice(&batch[..b * t]);
+        stream.push(batch[2 * b * t - 1]);
+    }
+    // Whole documents only: the text between two BOS tokens.
+    let mut docs = Vec::new();
+    let mut starts = stream
+        .iter()
+        .enumerate()
+        .filter(|(_, &x)| x == bos)
+        .map(|(i, _)| i);
+    let mut prev = starts.next().unwrap();
+    for next in starts {
+        let text: Vec<u8> = stream[prev + 1..next].iter().map(|&x| x as u8).collect();
+        docs.push(String::from_utf8(text).unwrap());
+        prev = next;
+    }
+    docs
+}
+
+#[test]
+fn data_ranks_read_disjoint_documents_whose_union_is_the_single_rank_stream() {
+    let env = Env::new();
+    // Two training shards of 9 short, distinct documents (an odd count: rank 0 gets one more).
+    let corpus = env.path("marked");
+    std::fs::create_dir_all(&corpus).unwrap();
+    for (name, tag) in [("s0.jsonl", "a"), ("s1.jsonl", "b"), ("val.jsonl", "v")] {
+        let lines: Vec<String> = (0..9)
+            .map(|i| serde_json::json!({ "text": format!("{tag}{i}") }).to_string())
+            .collect();
+        std::fs::write(corpus.join(name), lines.join("\n") + "\n").unwrap();
+    }
+    let bos = Tokenizer::load(&env.path("tokenizer")).unwrap().bos_id();
+    let run = |name: &str, data: &str| -> Vec<String> {
+        let cfg = env.path(&format!("{name}.toml"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "threads = 1\n[model]\ndepth = 1\nsequence_len = 16\n[data]\n{data}\n\
+                 [train]\ndevice_batch_size = 2\ntotal_batch_size = 32\nnum_iterations = 4\neval_batches = 1\n"
+            ),
+        )
+        .unwrap();
+        let dump = env.path(&format!("{name}-dump"));
+        let out_dir = env.path(name);
+        std::fs::create_dir_all(&out_dir).unwrap();
+        let o = Command::new(env!("CARGO_BIN_EXE_nanochat-pretrain"))
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--input")
+            .arg(format!("corpus={}", corpus.display()))
+            .arg("--input")
+            .arg(format!("tokenizer={}", env.path("tokenizer").display()))
+            .arg("--out")
+            .arg(&out_dir)
+            .arg("--work")
+            .arg(env.path(&format!("{name}-work")))
+            .env("NANOCHAT_PARITY_DUMP", &dump)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        consumed_documents(&dump.join("batches.bin"), 2, 16, bos)
+    };
+    let single = run("world1", "");
+    let rank0 = run("rank0", "rank = 0\nworld_size = 2");
+    let rank1 = run("rank1", "rank = 1\nworld_size = 2");
+    // 4 steps of 2 × 33 tokens ≈ 88 three-token documents: several passes for every run.
+    let epoch = |docs: &[String], n: usize| docs[..n].to_vec();
+    let all: Vec<String> = (0..9)
+        .map(|i| format!("a{i}"))
+        .chain((0..9).map(|i| format!("b{i}")))
+        .collect();
+    assert_eq!(
+        epoch(&single, 18),
+        all,
+        "single rank reads every shard in order"
+    );
+    // Rank r reads documents r, r + 2, … of every shard: the single-rank stream, interleaved.
+    let of_rank = |r: usize| -> Vec<String> {
+        all.iter()
+            .filter(|d| d[1..].parse::<usize>().unwrap() % 2 == r)
+            .cloned()
+            .collect()
+    };
+    assert_eq!(epoch(&rank0, 10), of_rank(0));
+    assert_eq!(epoch(&rank1, 8), of_rank(1));
+    // Disjoint across every pass, and together exactly the single-rank documents.
+    let set = |d: &[String]| d.iter().cloned().collect::<std::collections::BTreeSet<_>>();
+    assert!(set(&rank0).is_disjoint(&set(&rank1)));
+    let union: std::collections::BTreeSet<_> = set(&rank0).union(&set(&rank1)).cloned().collect();
+    assert_eq!(union, set(&single));
+}
+
+#[test]
+fn a_rank_outside_the_world_is_rejected_naming_the_config() {
+    let env = Env::new();
+    let cfg = env.path("ranks.toml");
+    std::fs::write(
+        &cfg,
+        "[model]\ndepth = 1\nsequence_len = 32\n[data]\nrank = 2\nworld_size = 2\n\
+         [train]\ndevice_batch_size = 1\ntotal_batch_size = 32\nnum_iterations = 1\n",
+    )
+    .unwrap();
+    let o = env.run(&cfg, "out", "work", &[]);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(
+        err.contains("ranks.toml") && err.contains("rank = 2"),
+        "{err}"
+    );
+}

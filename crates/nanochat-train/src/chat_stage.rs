@@ -11,7 +11,7 @@ use nanochat_model::{load_checkpoint, CheckpointMeta};
 use nanochat_tokenizer::Tokenizer;
 use serde::Deserialize;
 
-use crate::trainer::{train, BatchSource, LoopConfig, Outcome, RunDirs, TrainJob};
+use crate::trainer::{train, BatchSource, LoopConfig, RunDirs, TrainJob};
 use crate::TrainError;
 
 /// Which conversation stage.
@@ -74,12 +74,7 @@ pub fn run_chat_stage(kind: ChatStageKind, ctx: &StageContext) -> Result<i32, Tr
     let cfg: ChatStageConfig = ctx
         .config()
         .map_err(|e| TrainError::Config(e.to_string()))?;
-    if cfg.threads > 0 {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(cfg.threads)
-            .build_global()
-            .map_err(|e| TrainError::Config(format!("thread pool: {e}")))?;
-    }
+    crate::process::set_threads(cfg.threads)?;
     let input = |n: &str| {
         ctx.input(n)
             .map(|p| p.to_path_buf())
@@ -155,17 +150,6 @@ pub fn run_chat_stage(kind: ChatStageKind, ctx: &StageContext) -> Result<i32, Tr
         meta,
         interrupted: &stage::interrupted,
     };
-    match train(job, model, &mut make_train, &mut make_val)? {
-        Outcome::Finished {
-            val_bpb,
-            train_loss,
-        } => {
-            tracing::info!(?val_bpb, train_loss, "{kind:?} done");
-            Ok(0)
-        }
-        Outcome::Interrupted { step } => {
-            tracing::warn!(step, "stopped by signal; rerun to resume");
-            Ok(stage::interrupt_exit_code().unwrap_or(130))
-        }
-    }
+    let outcome = train(job, model, &mut make_train, &mut make_val)?;
+    Ok(crate::process::exit_code(outcome, &format!("{kind:?}")))
 }

@@ -4,6 +4,7 @@
 
 pub mod chat_stage;
 pub mod optim;
+pub mod process;
 pub mod schedule;
 pub mod trainer;
 
