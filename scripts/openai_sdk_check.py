@@ -4,6 +4,7 @@ import argparse
 import sys
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import openai
 from openai import OpenAI
@@ -28,7 +29,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--base-url", required=True)
     ap.add_argument("--model", required=True)
-    ap.add_argument("--expect", choices=["fake", "model"], default="fake")
+    # fake: the scripted echo model; trained: testdata/tiny-chat (memorised identity answers);
+    # model: any other checkpoint (shapes only).
+    ap.add_argument("--expect", choices=["fake", "trained", "model"], default="fake")
     args = ap.parse_args()
     wait_ready(args.base_url)
     client = OpenAI(base_url=args.base_url, api_key="not-needed", max_retries=0, timeout=120)
@@ -95,6 +98,9 @@ def main() -> None:
     assert [ch.index for ch in r.choices] == [0, 1]
     checks += 1
 
+    if args.expect == "trained":
+        checks += trained_checks(client, args.model)
+
     # Errors map to the SDK's exception classes with OpenAI-shaped bodies.
     def expect_error(cls, status, param, **kw):
         try:
@@ -118,6 +124,50 @@ def main() -> None:
     checks += 1
 
     print(f"openai SDK {openai.__version__}: {checks} checks passed against {args.base_url}")
+
+
+# Questions of data/sample/chat/identity.jsonl and the answers the fixture memorised.
+IDENTITY = {
+    "What is your name?": "My name is nanochat.",
+    "hi": "Hello! I am nanochat. How can I help you today?",
+    "Who are you?": "I am nanochat, a small language model trained from scratch with nanochat-rs, "
+    "a Rust port of Andrej Karpathy's nanochat.",
+}
+
+
+def trained_checks(client: OpenAI, model: str) -> int:
+    """Behaviour only a trained model shows: greedy answers that end the turn by themselves and
+    do not change with batching or the number of choices."""
+    def ask(q, **kw):
+        kw = {"temperature": 0, "max_tokens": 96, **kw}
+        return client.chat.completions.create(model=model, messages=[{"role": "user", "content": q}], **kw)
+
+    for q, a in IDENTITY.items():
+        r = ask(q)
+        assert r.choices[0].message.content == a, (q, r.choices[0].message.content)
+        assert r.choices[0].finish_reason == "stop", r.choices[0].finish_reason
+
+    # Ten concurrent streaming clients (max_tokens 95: a different cache key, so all decode).
+    def stream(q):
+        parts, finish = [], None
+        for chunk in client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": q}], temperature=0, max_tokens=95,
+                stream=True):
+            for c in chunk.choices:
+                parts.append(c.delta.content or "")
+                finish = c.finish_reason or finish
+        return q, "".join(parts), finish
+
+    questions = [list(IDENTITY)[i % len(IDENTITY)] for i in range(10)]
+    with ThreadPoolExecutor(max_workers=10) as pool:
+        for q, text, finish in pool.map(stream, questions):
+            assert (text, finish) == (IDENTITY[q], "stop"), (q, text, finish)
+
+    # n choices: indices 0..n, identical at temperature 0.
+    r = ask("What is your name?", n=3, max_tokens=94)
+    assert [c.index for c in r.choices] == [0, 1, 2], r
+    assert {c.message.content for c in r.choices} == {IDENTITY["What is your name?"]}, r
+    return 3
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 //! End-to-end tests of the `nanochat` binary on a tiny checkpoint written by the test itself
-//! (random weights, byte-level tokenizer with nanochat's specials).
+//! (random weights, byte-level tokenizer with nanochat's specials), and on the trained tiny
+//! chat model shipped with nanochat-inference's tests.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -296,6 +297,32 @@ fn chat_reads_turns_and_commands_from_stdin() {
     assert!(one.status.success(), "{}", stderr(&one));
     let none = nanochat(&["chat", "--model", model(), "--prompt", " "], None);
     assert_eq!(none.status.code(), Some(2));
+}
+
+/// The trained fixture of nanochat-inference (crates/nanochat-inference/testdata/tiny-chat):
+/// a depth-1 model that memorised the identity conversations, so its greedy answers are known.
+fn trained_model() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../nanochat-inference/testdata/tiny-chat")
+        .to_str()
+        .expect("utf-8 path")
+        .to_string()
+}
+
+#[test]
+fn chat_with_a_trained_model_gives_its_memorised_answers() {
+    let model = trained_model();
+    let o = nanochat(
+        &["chat", "--model", &model, "-t", "0", "-n", "64"],
+        Some("What is your name?\n/clear\nhi\n/quit\n"),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("My name is nanochat."), "{out}");
+    assert!(
+        out.contains("Hello! I am nanochat. How can I help you today?"),
+        "{out}"
+    );
 }
 
 /// The REPL on a real terminal: `script` gives the process a pty, so it runs interactively.

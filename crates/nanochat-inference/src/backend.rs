@@ -65,6 +65,33 @@ pub struct StepOutput {
 pub trait DecodeBackend {
     /// Start a sequence; it takes part in the next `step`.
     fn add(&mut self, prompt: Vec<u32>, sampling: Sampling) -> Result<SeqId>;
+    /// Start `n` samples of one prompt (a request's `n` choices), all or none. Backends that
+    /// can share the prompt's prefill override this; the default adds them one by one, sample
+    /// `i` seeded with `seed + i`.
+    fn add_samples(
+        &mut self,
+        prompt: Vec<u32>,
+        sampling: Sampling,
+        n: usize,
+    ) -> Result<Vec<SeqId>> {
+        let mut ids = Vec::with_capacity(n);
+        for i in 0..n {
+            let s = Sampling {
+                seed: sampling.seed.map(|s| s.wrapping_add(i as u64)),
+                ..sampling.clone()
+            };
+            match self.add(prompt.clone(), s) {
+                Ok(id) => ids.push(id),
+                Err(e) => {
+                    for id in ids {
+                        self.cancel(id);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(ids)
+    }
     /// Advance every active sequence by one token.
     fn step(&mut self) -> Result<Vec<StepOutput>>;
     /// Drop a sequence now, freeing its slot (unknown ids are ignored).

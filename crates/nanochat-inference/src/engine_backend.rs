@@ -75,19 +75,30 @@ fn engine_err(e: nanochat_engine::EngineError) -> InferenceError {
     }
 }
 
+fn engine_params(s: Sampling) -> SamplingParams {
+    SamplingParams {
+        temperature: s.temperature,
+        top_k: s.top_k,
+        top_p: s.top_p,
+        min_p: s.min_p,
+        seed: s.seed,
+        max_tokens: s.max_tokens,
+        // Stop strings are matched by the scheduler, identically for every backend.
+        stop: Vec::new(),
+    }
+}
+
 impl<M: StepModel> DecodeBackend for EngineDecoder<M> {
     fn add(&mut self, prompt: Vec<u32>, s: Sampling) -> Result<SeqId> {
-        let params = SamplingParams {
-            temperature: s.temperature,
-            top_k: s.top_k,
-            top_p: s.top_p,
-            min_p: s.min_p,
-            seed: s.seed,
-            max_tokens: s.max_tokens,
-            // Stop strings are matched by the scheduler, identically for every backend.
-            stop: Vec::new(),
-        };
-        self.0.add(prompt, params).map_err(engine_err)
+        self.0.add(prompt, engine_params(s)).map_err(engine_err)
+    }
+
+    /// One prefill for all `n`: the engine copies the prompt's KV-cache row to the others, and
+    /// sample `i` draws from stream `i` of the seed.
+    fn add_samples(&mut self, prompt: Vec<u32>, s: Sampling, n: usize) -> Result<Vec<SeqId>> {
+        self.0
+            .add_samples(prompt, engine_params(s), n)
+            .map_err(engine_err)
     }
 
     fn step(&mut self) -> Result<Vec<StepOutput>> {

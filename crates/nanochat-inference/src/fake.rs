@@ -28,6 +28,7 @@ pub struct FakeModel {
     context_len: usize,
     peak_batch: Arc<AtomicUsize>,
     steps: Arc<AtomicU64>,
+    prefills: Arc<AtomicU64>,
     entropy: Arc<AtomicU64>,
 }
 
@@ -43,6 +44,7 @@ impl FakeModel {
             context_len: 4096,
             peak_batch: Arc::new(AtomicUsize::new(0)),
             steps: Arc::new(AtomicU64::new(0)),
+            prefills: Arc::new(AtomicU64::new(0)),
             entropy: Arc::new(AtomicU64::new(seed)),
         }
     }
@@ -56,6 +58,11 @@ impl FakeModel {
     /// Largest number of sequences any decoder advanced in one step so far.
     pub fn peak_batch(&self) -> usize {
         self.peak_batch.load(Ordering::Relaxed)
+    }
+
+    /// Prompt prefills so far: one per `add`, one per `add_samples` group.
+    pub fn prefills(&self) -> u64 {
+        self.prefills.load(Ordering::Relaxed)
     }
 
     /// Decode steps run so far over all decoders.
@@ -173,11 +180,8 @@ struct FakeDecoder {
     seqs: Vec<FakeSeq>,
 }
 
-impl DecodeBackend for FakeDecoder {
-    fn add(&mut self, prompt: Vec<u32>, sampling: Sampling) -> Result<SeqId> {
-        if self.seqs.len() >= self.max_batch {
-            return Err(InferenceError::Backend("batch is full".into()));
-        }
+impl FakeDecoder {
+    fn add_seq(&mut self, prompt: &[u32], sampling: &Sampling) -> Result<SeqId> {
         if prompt.len() >= self.model.context_len {
             return Err(InferenceError::Prompt(
                 "prompt does not fit the context".into(),
@@ -187,7 +191,7 @@ impl DecodeBackend for FakeDecoder {
             .model
             .entropy
             .fetch_add(0x1234_5678_9abc, Ordering::Relaxed);
-        let (reply, endless) = FakeModel::script(&prompt, &sampling, splitmix(fresh));
+        let (reply, endless) = FakeModel::script(prompt, sampling, splitmix(fresh));
         let id = self.next_id;
         self.next_id += 1;
         self.seqs.push(FakeSeq {
@@ -199,6 +203,34 @@ impl DecodeBackend for FakeDecoder {
             partial: Vec::new(),
         });
         Ok(id)
+    }
+}
+
+impl DecodeBackend for FakeDecoder {
+    fn add(&mut self, prompt: Vec<u32>, sampling: Sampling) -> Result<SeqId> {
+        Ok(self.add_samples(prompt, sampling, 1)?[0])
+    }
+
+    /// Like the engine: all `n` or none, one prefill; sample `i` seeded with `seed + i`.
+    fn add_samples(
+        &mut self,
+        prompt: Vec<u32>,
+        sampling: Sampling,
+        n: usize,
+    ) -> Result<Vec<SeqId>> {
+        if self.seqs.len() + n > self.max_batch {
+            return Err(InferenceError::Backend("batch is full".into()));
+        }
+        self.model.prefills.fetch_add(1, Ordering::Relaxed);
+        (0..n)
+            .map(|i| {
+                let s = Sampling {
+                    seed: sampling.seed.map(|s| s.wrapping_add(i as u64)),
+                    ..sampling.clone()
+                };
+                self.add_seq(&prompt, &s)
+            })
+            .collect()
     }
 
     fn step(&mut self) -> Result<Vec<StepOutput>> {

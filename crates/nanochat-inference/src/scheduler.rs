@@ -19,11 +19,14 @@ use crate::backend::{DecodeBackend, Finish, Sampling, SeqId, ServedModel};
 use crate::error::{InferenceError, Result};
 use crate::stop::StopMatcher;
 
-/// One sequence to generate.
+/// The choices of one request: `n` samples of one prompt, admitted together so that they share
+/// one prefill.
 #[derive(Debug, Clone)]
 pub struct Job {
-    /// Which choice of the request this is (`index` in the response).
-    pub choice: usize,
+    /// Index (in the response) of the first of these choices.
+    pub first_choice: usize,
+    /// How many choices.
+    pub n: usize,
     /// Prompt tokens.
     pub prompt: Vec<u32>,
     /// Sampling settings (max_tokens included).
@@ -220,19 +223,33 @@ impl Scheduler {
 
     /// Queue all choices of one request, or none of them. Events arrive on the receiver;
     /// dropping it cancels every choice at the next step boundary.
-    pub fn submit(&self, jobs: Vec<Job>) -> std::result::Result<EventReceiver, SubmitError> {
+    ///
+    /// The choices enter one worker's batch together (one shared prefill). A request with more
+    /// choices than a batch holds is split into batch-sized groups; a later group's seed is
+    /// offset by its first choice index so that no two choices sample alike.
+    pub fn submit(&self, job: Job) -> std::result::Result<EventReceiver, SubmitError> {
         let (tx, rx) = mpsc::unbounded_channel();
+        let groups: Vec<Job> = (0..job.n)
+            .step_by(self.max_batch)
+            .map(|start| {
+                let mut g = job.clone();
+                g.first_choice = job.first_choice + start;
+                g.n = self.max_batch.min(job.n - start);
+                g.sampling.seed = job.sampling.seed.map(|s| s.wrapping_add(start as u64));
+                g
+            })
+            .collect();
         {
             let mut q = lock(&self.shared.queue);
             if self.shared.shutdown.load(Ordering::Acquire) {
                 return Err(SubmitError::ShuttingDown);
             }
-            if q.len() + jobs.len() > self.shared.capacity {
+            if queued_choices(&q) + job.n > self.shared.capacity {
                 return Err(SubmitError::QueueFull {
                     capacity: self.shared.capacity,
                 });
             }
-            q.extend(jobs.into_iter().map(|job| Queued {
+            q.extend(groups.into_iter().map(|job| Queued {
                 job,
                 tx: tx.clone(),
             }));
@@ -243,7 +260,7 @@ impl Scheduler {
 
     /// Current load.
     pub fn stats(&self) -> SchedulerStats {
-        let queue_depth = lock(&self.shared.queue).len();
+        let queue_depth = queued_choices(&lock(&self.shared.queue));
         SchedulerStats {
             queue_depth,
             queue_capacity: self.shared.capacity,
@@ -286,6 +303,11 @@ impl Scheduler {
             let _ = t.join();
         }
     }
+}
+
+/// Choices waiting in the queue (what its capacity bounds).
+fn queued_choices(q: &VecDeque<Queued>) -> usize {
+    q.iter().map(|e| e.job.n).sum()
 }
 
 impl Drop for Scheduler {
@@ -339,14 +361,22 @@ impl Worker {
         let mut q = lock(&shared.queue);
         // Requests whose client went away while queued leave the queue now, not when a slot
         // frees (the queue is bounded, so this sweep is cheap next to a decode step).
-        let before = q.len();
+        let before = queued_choices(&q);
         q.retain(|e| !e.tx.is_closed());
-        let swept = before - q.len();
+        let swept = before - queued_choices(&q);
         if swept > 0 {
             shared.cancelled.fetch_add(swept as u64, Ordering::Relaxed);
         }
         loop {
-            while self.active.len() < self.max_batch && self.should_take_more() {
+            // First come, first served: a request waits for enough free rows for all its
+            // choices rather than being overtaken by smaller ones.
+            while self.should_take_more() {
+                let fits = q
+                    .front()
+                    .is_some_and(|e| self.active.len() + e.job.n <= self.max_batch);
+                if !fits {
+                    break;
+                }
                 let Some(Queued { job, tx }) = q.pop_front() else {
                     break;
                 };
@@ -375,37 +405,47 @@ impl Worker {
     }
 
     fn start(&mut self, job: Job, tx: EventSender) {
+        let choices = job.first_choice..job.first_choice + job.n;
         if tx.is_closed() {
-            self.shared.cancelled.fetch_add(1, Ordering::Relaxed);
+            self.shared
+                .cancelled
+                .fetch_add(job.n as u64, Ordering::Relaxed);
             return;
         }
         if Instant::now() >= job.deadline {
-            self.shared.timeouts.fetch_add(1, Ordering::Relaxed);
-            let _ = tx.send((job.choice, Event::Failed(JobFailure::Timeout)));
+            self.shared
+                .timeouts
+                .fetch_add(job.n as u64, Ordering::Relaxed);
+            for c in choices {
+                let _ = tx.send((c, Event::Failed(JobFailure::Timeout)));
+            }
             return;
         }
         let max_tokens = job.sampling.max_tokens;
-        match self.decoder.add(job.prompt, job.sampling) {
-            Ok(id) => {
-                self.active.insert(
-                    id,
-                    Active {
-                        choice: job.choice,
-                        tx,
-                        stop: StopMatcher::new(&job.stop),
-                        tokens: 0,
-                        max_tokens,
-                        deadline: job.deadline,
-                    },
-                );
-                self.counters().admitted.fetch_add(1, Ordering::Relaxed);
+        match self.decoder.add_samples(job.prompt, job.sampling, job.n) {
+            Ok(ids) => {
+                for (id, choice) in ids.into_iter().zip(choices) {
+                    self.active.insert(
+                        id,
+                        Active {
+                            choice,
+                            tx: tx.clone(),
+                            stop: StopMatcher::new(&job.stop),
+                            tokens: 0,
+                            max_tokens,
+                            deadline: job.deadline,
+                        },
+                    );
+                }
+                self.counters()
+                    .admitted
+                    .fetch_add(job.n as u64, Ordering::Relaxed);
                 self.publish_active();
             }
             Err(e) => {
-                let _ = tx.send((
-                    job.choice,
-                    Event::Failed(JobFailure::Rejected(e.to_string())),
-                ));
+                for c in choices {
+                    let _ = tx.send((c, Event::Failed(JobFailure::Rejected(e.to_string()))));
+                }
             }
         }
     }

@@ -364,23 +364,22 @@ async fn generate(
     }
 
     let deadline = Instant::now() + Duration::from_secs_f64(state.cfg.request_timeout_secs);
-    let jobs = (0..spec.n)
-        .map(|i| Job {
-            choice: i,
-            prompt: prompt.clone(),
-            sampling: Sampling {
-                temperature: spec.temperature,
-                top_k: spec.top_k,
-                top_p: spec.top_p,
-                min_p: spec.min_p,
-                seed: spec.seed.map(|s| s.wrapping_add(i as u64)),
-                max_tokens,
-            },
-            stop: spec.stop.clone(),
-            deadline,
-        })
-        .collect();
-    let rx = state.scheduler.submit(jobs).map_err(|e| match e {
+    let job = Job {
+        first_choice: 0,
+        n: spec.n,
+        prompt: prompt.clone(),
+        sampling: Sampling {
+            temperature: spec.temperature,
+            top_k: spec.top_k,
+            top_p: spec.top_p,
+            min_p: spec.min_p,
+            seed: spec.seed,
+            max_tokens,
+        },
+        stop: spec.stop.clone(),
+        deadline,
+    };
+    let rx = state.scheduler.submit(job).map_err(|e| match e {
         SubmitError::QueueFull { capacity } => ApiError::overloaded(capacity),
         SubmitError::ShuttingDown => ApiError::internal("the server is shutting down"),
     })?;

@@ -437,6 +437,8 @@ async fn full_queue_answers_429() {
     .await;
     assert_eq!(busy.status, 200);
     assert!(busy.next_bytes().await.is_some());
+    // The role chunk is written before a worker admits the job; wait until it left the queue.
+    wait_for_scheduler(&s, "busy request decoding", |st| st.workers[0].active == 1).await;
     // Waits in the queue.
     let queued = send(
         s.addr,
@@ -701,6 +703,7 @@ async fn admin_clear_needs_the_token() {
 #[actix_web::test]
 async fn n_choices_seeds_and_stop_strings() {
     let s = start(ServerConfig::default(), Duration::ZERO);
+    let prefills = s.model.prefills();
     let v = post_json(
         s.addr,
         CHAT,
@@ -717,6 +720,11 @@ async fn n_choices_seeds_and_stop_strings() {
     assert_eq!(texts.len(), 3);
     assert!(texts.iter().all(|t| t.starts_with("echo: pick #")));
     assert_ne!(texts[0], texts[1], "each choice gets its own seed");
+    assert_eq!(
+        s.model.prefills() - prefills,
+        1,
+        "the choices share one prefill"
+    );
     let r = post_json(
         s.addr,
         CHAT,
@@ -746,6 +754,36 @@ async fn n_choices_seeds_and_stop_strings() {
     )
     .await;
     assert_eq!(chat_stream_text(&r.text()).0[0], "echo: hell");
+}
+
+#[actix_web::test]
+async fn more_choices_than_a_batch_holds_run_in_batch_sized_groups() {
+    let mut cfg = ServerConfig::default();
+    cfg.max_batch = 2;
+    cfg.limits.max_n = 5;
+    let s = start(cfg, Duration::ZERO);
+    let v = post_json(
+        s.addr,
+        CHAT,
+        &json!({"messages": user("pick"), "n": 5, "seed": 3, "temperature": 1.0}),
+    )
+    .await
+    .json();
+    let choices = v["choices"].as_array().expect("choices");
+    let indices: Vec<u64> = choices
+        .iter()
+        .map(|c| c["index"].as_u64().unwrap())
+        .collect();
+    assert_eq!(indices, [0, 1, 2, 3, 4]);
+    let mut texts: Vec<&str> = choices
+        .iter()
+        .map(|c| c["message"]["content"].as_str().unwrap())
+        .collect();
+    texts.sort();
+    texts.dedup();
+    assert_eq!(texts.len(), 5, "no two choices sampled alike: {v}");
+    assert_eq!(s.model.prefills(), 3, "groups of 2 + 2 + 1");
+    assert_eq!(s.model.peak_batch(), 2);
 }
 
 #[actix_web::test]

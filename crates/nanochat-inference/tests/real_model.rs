@@ -1,9 +1,12 @@
-//! The server on the real engine: a tiny random-init GPT saved with nanochat-model's checkpoint
-//! API next to a byte-level nanochat tokenizer, loaded the way `--model <dir>` does.
+//! The server on the real engine, loaded the way `--model <dir>` does: a tiny random-init GPT
+//! next to a byte-level nanochat tokenizer (shapes, batching, cache, errors), and the trained
+//! `testdata/tiny-chat` model (see its README), whose memorised answers pin down real
+//! behaviour: greedy replies that end their turn, identical alone, batched and per choice.
+#![allow(clippy::field_reassign_with_default)]
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use common::*;
@@ -133,4 +136,105 @@ fn loading_a_directory_without_a_model_says_what_is_missing() {
     assert!(err.contains("no tokenizer found"), "{err}");
     tokenizer.save(tmp.path()).unwrap();
     assert!(load_model_dir(tmp.path()).is_ok());
+}
+
+/// The trained fixture.
+fn trained_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/tiny-chat")
+}
+
+/// Questions of `data/sample/chat/identity.jsonl` and the answers the fixture memorised.
+const IDENTITY: [(&str, &str); 3] = [
+    ("What is your name?", "My name is nanochat."),
+    ("hi", "Hello! I am nanochat. How can I help you today?"),
+    (
+        "Hello, who am I talking to?",
+        "You are talking to nanochat, a small chat model trained with nanochat-rs.",
+    ),
+];
+
+fn content(v: &serde_json::Value, i: usize) -> String {
+    v["choices"][i]["message"]["content"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no content in {v}"))
+        .to_string()
+}
+
+#[actix_web::test]
+async fn trained_model_answers_alone_batched_and_per_choice_alike() {
+    let dir = trained_dir();
+    let model = load_model_dir(&dir).expect("the trained fixture loads");
+    let mut cfg = ServerConfig::default();
+    cfg.port = 0;
+    // Every request below must really decode (a cache hit would prove nothing).
+    cfg.cache.enabled = false;
+    let addr = Server::bind(cfg, Arc::new(model)).unwrap().spawn().0;
+    let ask = |q: &str, extra: serde_json::Value| {
+        let mut body = json!({"messages": user(q), "temperature": 0, "max_tokens": 64});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        body
+    };
+
+    // Alone: the memorised answer, ended by the model itself rather than by max_tokens.
+    let mut solo = Vec::new();
+    for (q, a) in IDENTITY {
+        let r = post_json(addr, CHAT, &ask(q, json!({}))).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let v = r.json();
+        assert_eq!(content(&v, 0), a, "greedy reply to {q:?}");
+        assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+        let used = v["usage"]["completion_tokens"].as_u64().unwrap();
+        assert!(used > 0 && used < 64, "{v}");
+        solo.push(content(&v, 0));
+    }
+
+    // Ten concurrent streaming clients share decode steps and still get exactly those replies.
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        let (q, _) = IDENTITY[i % IDENTITY.len()];
+        let body = ask(q, json!({"stream": true}));
+        tasks.push(actix_web::rt::spawn(async move {
+            let r = post_json(addr, CHAT, &body).await;
+            assert_eq!(r.status, 200);
+            let (texts, finishes) = chat_stream_text(&r.text());
+            (texts[0].clone(), finishes[0].clone())
+        }));
+    }
+    for (i, t) in tasks.into_iter().enumerate() {
+        let (text, finish) = t.await.unwrap();
+        assert_eq!(text, solo[i % solo.len()], "client {i}");
+        assert_eq!(finish.as_deref(), Some("stop"), "client {i}");
+    }
+
+    // n choices share one prefill; at temperature 0 they are all the solo reply.
+    let v = post_json(addr, CHAT, &ask(IDENTITY[0].0, json!({"n": 3})))
+        .await
+        .json();
+    let choices = v["choices"].as_array().expect("choices");
+    let indices: Vec<u64> = choices
+        .iter()
+        .map(|c| c["index"].as_u64().unwrap())
+        .collect();
+    assert_eq!(indices, [0, 1, 2]);
+    for i in 0..3 {
+        assert_eq!(content(&v, i), solo[0]);
+        assert_eq!(v["choices"][i]["finish_reason"], "stop");
+    }
+    let one = v["usage"]["completion_tokens"].as_u64().unwrap();
+    assert_eq!(one % 3, 0, "three equal completions: {v}");
+
+    // Sampled choices with a seed differ from each other but repeat exactly.
+    let sampled = ask(
+        "Tell me something",
+        json!({"n": 2, "temperature": 1.0, "seed": 11, "max_tokens": 24}),
+    );
+    let a = post_json(addr, CHAT, &sampled).await.json();
+    let b = post_json(addr, CHAT, &sampled).await.json();
+    assert_eq!(
+        (content(&a, 0), content(&a, 1)),
+        (content(&b, 0), content(&b, 1))
+    );
+    assert_ne!(content(&a, 0), content(&a, 1), "{a}");
 }
