@@ -17,6 +17,12 @@ impl LogProbModel for Gpt {
         Some(self.config().max_positions())
     }
 
+    /// The training context (`sequence_len`), not the rotary table: bits per byte is measured
+    /// on rows as long as the ones the model was trained on, as nanochat does.
+    fn context_len(&self) -> Option<usize> {
+        Some(self.config().sequence_len)
+    }
+
     fn logits(&self, tokens: &[u32], batch: usize, seq_len: usize) -> Result<LogitsBatch> {
         let data = Gpt::logits(self, tokens, batch, seq_len)
             .map_err(|e| EvalError::Model(e.to_string()))?;

@@ -17,6 +17,7 @@ pub mod jsonl;
 pub mod model;
 pub mod report;
 pub mod results;
+pub mod resume;
 pub mod sandbox;
 pub mod stage;
 pub mod testing;

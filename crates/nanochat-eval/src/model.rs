@@ -67,6 +67,11 @@ pub trait LogProbModel {
     fn max_seq_len(&self) -> Option<usize> {
         None
     }
+    /// The context the model was trained with (bits per byte is measured on rows this long).
+    /// Defaults to [`LogProbModel::max_seq_len`].
+    fn context_len(&self) -> Option<usize> {
+        self.max_seq_len()
+    }
     /// Forward `tokens` (`batch * seq_len` ids, rows right-padded) and return all logits.
     fn logits(&self, tokens: &[u32], batch: usize, seq_len: usize) -> Result<LogitsBatch>;
 

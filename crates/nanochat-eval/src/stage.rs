@@ -20,6 +20,7 @@ use crate::core::{
 use crate::jsonl::{read_jsonl, write_atomic};
 use crate::model::{EvalTokenizer, Generator, LogProbModel};
 use crate::results::{write_jsonl, FailureSummary, SkippedItem};
+use crate::resume::{file_digest, TaskCheckpoints};
 use crate::sandbox::{Sandbox, SandboxConfig};
 use crate::{EvalError, Result};
 
@@ -163,6 +164,10 @@ pub struct ModelInfo {
     pub description: String,
     /// Names or paths of the datasets it trained on (any stage).
     pub trained_on: Vec<String>,
+    /// Identity of the weights and tokenizer (e.g. hashes of their files); keys the task
+    /// checkpoints of a resumable run. Empty: checkpoints are not used.
+    #[serde(default)]
+    pub fingerprint: String,
 }
 
 /// CORE results inside `metrics.json`.
@@ -267,9 +272,23 @@ fn check_interrupt(inputs: &EvalInputs<'_>) -> Result<()> {
     Ok(())
 }
 
-/// Run the stage and write its artifact into `out_dir`.
+/// Run the stage and write its artifact into `out_dir`, without checkpoints.
 pub fn run_eval(cfg: &EvalConfig, inputs: &EvalInputs<'_>, out_dir: &Path) -> Result<EvalMetrics> {
+    run_eval_resumable(cfg, inputs, out_dir, None)
+}
+
+/// Run the stage and write its artifact into `out_dir`, checkpointing every finished task into
+/// `work_dir` and reusing the checkpoints a previous (interrupted) run left there when they are
+/// for the same model and task settings (see [`crate::resume`]). The artifact is the same as
+/// an uninterrupted run's, up to the stage's total `seconds`.
+pub fn run_eval_resumable(
+    cfg: &EvalConfig,
+    inputs: &EvalInputs<'_>,
+    out_dir: &Path,
+    work_dir: Option<&Path>,
+) -> Result<EvalMetrics> {
     let started = Instant::now();
+    let mut ckpt = TaskCheckpoints::new(work_dir, &inputs.model_info.fingerprint)?;
     let max = (cfg.max_per_task > 0).then_some(cfg.max_per_task);
     let mut failures = FailureSummary::default();
     let mut skipped_all: Vec<SkippedItem> = Vec::new();
@@ -324,33 +343,55 @@ pub fn run_eval(cfg: &EvalConfig, inputs: &EvalInputs<'_>, out_dir: &Path) -> Re
                     .filter(|s| run_all || cfg.tasks.contains(&s.label))
                 {
                     check_interrupt(inputs)?;
-                    let task = load_task(spec)?;
-                    let pb = progress(
-                        max.map_or(task.items.len(), |m| m.min(task.items.len())),
-                        &spec.label,
-                    );
-                    let (score, results) = evaluate_task(
-                        inputs.model,
-                        inputs.tokenizer,
-                        &task,
-                        &core_opts,
-                        Some(&pb),
-                    )?;
-                    pb.finish_and_clear();
-                    tracing::info!(
-                        task = %score.label,
-                        accuracy = score.accuracy,
-                        centered = score.centered,
-                        seconds = score.seconds,
-                        "CORE task done"
-                    );
+                    let key = ckpt.key(&serde_json::json!({
+                        "kind": "core",
+                        "spec": spec,
+                        "data": file_digest(&spec.data_path),
+                        "max_per_task": max,
+                    }));
+                    let (score, results, skipped) =
+                        match ckpt.restore::<TaskScore>("core", &spec.label, &key) {
+                            Some(r) => (r.score, r.results, r.skipped),
+                            None => {
+                                let task = load_task(spec)?;
+                                let pb = progress(
+                                    max.map_or(task.items.len(), |m| m.min(task.items.len())),
+                                    &spec.label,
+                                );
+                                let (score, results) = evaluate_task(
+                                    inputs.model,
+                                    inputs.tokenizer,
+                                    &task,
+                                    &core_opts,
+                                    Some(&pb),
+                                )?;
+                                pb.finish_and_clear();
+                                tracing::info!(
+                                    task = %score.label,
+                                    accuracy = score.accuracy,
+                                    centered = score.centered,
+                                    seconds = score.seconds,
+                                    "CORE task done"
+                                );
+                                ckpt.save(
+                                    "core",
+                                    &spec.label,
+                                    &key,
+                                    &score,
+                                    &results,
+                                    &task.skipped,
+                                    serde_json::Value::Null,
+                                )?;
+                                (score, results, task.skipped)
+                            }
+                        };
                     if let Some(n) = &score.note {
                         notes.push(format!("{}: {n}", score.label));
                     }
-                    complete &= task.skipped.is_empty();
+                    complete &= skipped.is_empty();
                     write_jsonl(&results_dir.join(format!("{}.jsonl", spec.label)), &results)?;
-                    failures.add(&results, &task.skipped);
-                    skipped_all.extend(task.skipped.iter().cloned());
+                    failures.add(&results, &skipped);
+                    skipped_all.extend(skipped.iter().cloned());
                     centered.push(score.centered);
                     section.tasks.push(score);
                 }
@@ -368,14 +409,41 @@ pub fn run_eval(cfg: &EvalConfig, inputs: &EvalInputs<'_>, out_dir: &Path) -> Re
             for path in &cfg.custom_tasks {
                 check_interrupt(inputs)?;
                 let spec = load_custom_task(path)?;
-                let task = load_task(&spec)?;
-                let pb = progress(task.items.len(), &spec.label);
-                let (score, results) =
-                    evaluate_task(inputs.model, inputs.tokenizer, &task, &core_opts, Some(&pb))?;
-                pb.finish_and_clear();
+                let key = ckpt.key(&serde_json::json!({
+                    "kind": "custom",
+                    "spec": spec,
+                    "data": file_digest(&spec.data_path),
+                    "max_per_task": max,
+                }));
+                let (score, results, skipped) =
+                    match ckpt.restore::<TaskScore>("custom", &spec.label, &key) {
+                        Some(r) => (r.score, r.results, r.skipped),
+                        None => {
+                            let task = load_task(&spec)?;
+                            let pb = progress(task.items.len(), &spec.label);
+                            let (score, results) = evaluate_task(
+                                inputs.model,
+                                inputs.tokenizer,
+                                &task,
+                                &core_opts,
+                                Some(&pb),
+                            )?;
+                            pb.finish_and_clear();
+                            ckpt.save(
+                                "custom",
+                                &spec.label,
+                                &key,
+                                &score,
+                                &results,
+                                &task.skipped,
+                                serde_json::Value::Null,
+                            )?;
+                            (score, results, task.skipped)
+                        }
+                    };
                 write_jsonl(&results_dir.join(format!("{}.jsonl", spec.label)), &results)?;
-                failures.add(&results, &task.skipped);
-                skipped_all.extend(task.skipped.iter().cloned());
+                failures.add(&results, &skipped);
+                skipped_all.extend(skipped.iter().cloned());
                 section.custom.push(score);
             }
             metrics.core = Some(section);
@@ -388,38 +456,61 @@ pub fn run_eval(cfg: &EvalConfig, inputs: &EvalInputs<'_>, out_dir: &Path) -> Re
                 };
                 let seq_len = cfg
                     .bpb_seq_len
-                    .or(inputs.model.max_seq_len())
+                    .or(inputs.model.context_len())
                     .unwrap_or(1024);
-                let mut docs = Vec::new();
-                let mut total = 0usize;
-                for l in read_jsonl(val)? {
-                    if total >= cfg.bpb_tokens + seq_len {
-                        break;
+                let key = ckpt.key(&serde_json::json!({
+                    "kind": "bpb",
+                    "val_data": file_digest(val),
+                    "bpb_tokens": cfg.bpb_tokens,
+                    "seq_len": seq_len,
+                }));
+                let report = match ckpt.restore::<BpbAccumulatorReport>("bpb", "val", &key) {
+                    Some(r) => r.score,
+                    None => {
+                        let mut docs = Vec::new();
+                        let mut total = 0usize;
+                        for l in read_jsonl(val)? {
+                            if total >= cfg.bpb_tokens + seq_len {
+                                break;
+                            }
+                            if let Some(t) = l
+                                .value
+                                .ok()
+                                .as_ref()
+                                .and_then(|v| v.get("text"))
+                                .and_then(|t| t.as_str())
+                            {
+                                let ids = inputs.tokenizer.encode(t);
+                                total += ids.len() + 1;
+                                docs.push(ids);
+                            }
+                        }
+                        let rows = pack_rows(
+                            &docs,
+                            inputs.tokenizer.bos_id(),
+                            seq_len,
+                            cfg.bpb_tokens.div_ceil(seq_len).max(1),
+                        );
+                        let acc =
+                            evaluate_bpb(inputs.model, &rows, cfg.batch_size.clamp(1, 8), tb)?;
+                        tracing::info!(bpb = acc.bpb(), tokens = acc.tokens, "bits per byte");
+                        let report = BpbAccumulatorReport {
+                            bpb: acc.bpb(),
+                            totals: acc,
+                        };
+                        ckpt.save(
+                            "bpb",
+                            "val",
+                            &key,
+                            &report,
+                            &[],
+                            &[],
+                            serde_json::Value::Null,
+                        )?;
+                        report
                     }
-                    if let Some(t) = l
-                        .value
-                        .ok()
-                        .as_ref()
-                        .and_then(|v| v.get("text"))
-                        .and_then(|t| t.as_str())
-                    {
-                        let ids = inputs.tokenizer.encode(t);
-                        total += ids.len() + 1;
-                        docs.push(ids);
-                    }
-                }
-                let rows = pack_rows(
-                    &docs,
-                    inputs.tokenizer.bos_id(),
-                    seq_len,
-                    cfg.bpb_tokens.div_ceil(seq_len).max(1),
-                );
-                let acc = evaluate_bpb(inputs.model, &rows, cfg.batch_size.clamp(1, 8), tb)?;
-                tracing::info!(bpb = acc.bpb(), tokens = acc.tokens, "bits per byte");
-                metrics.bpb = Some(BpbAccumulatorReport {
-                    bpb: acc.bpb(),
-                    totals: acc,
-                });
+                };
+                metrics.bpb = Some(report);
             }
         }
         EvalMode::Chat => {
@@ -454,7 +545,16 @@ pub fn run_eval(cfg: &EvalConfig, inputs: &EvalInputs<'_>, out_dir: &Path) -> Re
             let mut sandbox = None;
             for name in &names {
                 check_interrupt(inputs)?;
-                let task = if name == "SpellingBee" {
+                // Where the items come from, and the key of everything that decides the result.
+                let generative = matches!(name.as_str(), "GSM8K" | "HumanEval" | "SpellingBee");
+                let mut key_doc = serde_json::json!({
+                    "kind": "chat",
+                    "task": name,
+                    "max_per_task": max,
+                    "max_new_tokens": generative.then_some(cfg.max_new_tokens),
+                    "sandbox": (name == "HumanEval").then_some(&cfg.sandbox),
+                });
+                let source = if name == "SpellingBee" {
                     let words = spelling_words(cfg, eval_dir)?;
                     if words
                         .file_name()
@@ -466,7 +566,9 @@ pub fn run_eval(cfg: &EvalConfig, inputs: &EvalInputs<'_>, out_dir: &Path) -> Re
                             words.display()
                         ));
                     }
-                    load_spelling_bee(&words, cfg.spelling_bee_size, max)?
+                    key_doc["words"] = file_digest(&words).into();
+                    key_doc["size"] = cfg.spelling_bee_size.into();
+                    ChatSource::SpellingBee(words)
                 } else {
                     let file = task_file(name).ok_or_else(|| {
                         EvalError::Invalid(format!(
@@ -474,52 +576,90 @@ pub fn run_eval(cfg: &EvalConfig, inputs: &EvalInputs<'_>, out_dir: &Path) -> Re
                             CHAT_TASKS.map(|(t, _)| t).join(", ")
                         ))
                     })?;
-                    let overlap = if name == "GSM8K" && exclude {
-                        let p = cfg.gsm8k_overlap.clone().unwrap_or_else(|| {
+                    let overlap = (name == "GSM8K" && exclude).then(|| {
+                        cfg.gsm8k_overlap.clone().unwrap_or_else(|| {
                             eval_dir.join("gsm8k_test_gsm_symbolic_overlap.json")
-                        });
-                        Some(read_gsm8k_overlap(&p)?)
-                    } else {
-                        None
-                    };
-                    load_chat_task(name, &eval_dir.join(file), overlap.as_ref(), max)?
+                        })
+                    });
+                    key_doc["data"] = file_digest(&eval_dir.join(file)).into();
+                    key_doc["overlap"] = overlap.as_deref().map(file_digest).into();
+                    ChatSource::File(eval_dir.join(file), overlap)
                 };
-                let pb = progress(task.items.len(), name);
-                let categorical = matches!(
-                    task.items.first().map(|i| &i.kind),
-                    Some(ChatKind::Categorical { .. })
-                );
-                let (score, results) = if categorical {
-                    evaluate_categorical(
-                        inputs.model,
-                        inputs.tokenizer,
-                        &task,
-                        cfg.batch_size,
-                        Some(&pb),
-                    )?
-                } else {
-                    let generator = inputs.generator.ok_or_else(|| {
-                        EvalError::Invalid(format!("{name} is generative: a generator is required"))
-                    })?;
-                    if name == "HumanEval" && sandbox.is_none() {
-                        let sb = Sandbox::new(cfg.sandbox.clone())?;
-                        section.sandbox_network_isolated = Some(sb.network_isolated());
-                        if !sb.network_isolated() {
-                            notes.push("HumanEval ran WITHOUT network isolation (the kernel refused a network namespace)".into());
+                let key = ckpt.key(&key_doc);
+                let (score, results, skipped) = match ckpt.restore::<ChatScore>("chat", name, &key)
+                {
+                    Some(r) => {
+                        if let Some(isolated) =
+                            r.extra.get("network_isolated").and_then(|v| v.as_bool())
+                        {
+                            section.sandbox_network_isolated = Some(isolated);
+                            if !isolated {
+                                notes.push(NOT_ISOLATED_NOTE.into());
+                            }
                         }
-                        sandbox = Some(sb);
+                        (r.score, r.results, r.skipped)
                     }
-                    evaluate_generative(
-                        generator,
-                        inputs.tokenizer,
-                        &task,
-                        &gen_opts,
-                        sandbox.as_ref(),
-                        Some(&pb),
-                    )?
+                    None => {
+                        let task = match &source {
+                            ChatSource::SpellingBee(words) => {
+                                load_spelling_bee(words, cfg.spelling_bee_size, max)?
+                            }
+                            ChatSource::File(path, overlap) => {
+                                let overlap = match overlap {
+                                    Some(p) => Some(read_gsm8k_overlap(p)?),
+                                    None => None,
+                                };
+                                load_chat_task(name, path, overlap.as_ref(), max)?
+                            }
+                        };
+                        let pb = progress(task.items.len(), name);
+                        let categorical = matches!(
+                            task.items.first().map(|i| &i.kind),
+                            Some(ChatKind::Categorical { .. })
+                        );
+                        let mut extra = serde_json::Value::Null;
+                        let (score, results) = if categorical {
+                            evaluate_categorical(
+                                inputs.model,
+                                inputs.tokenizer,
+                                &task,
+                                cfg.batch_size,
+                                Some(&pb),
+                            )?
+                        } else {
+                            let generator = inputs.generator.ok_or_else(|| {
+                                EvalError::Invalid(format!(
+                                    "{name} is generative: a generator is required"
+                                ))
+                            })?;
+                            if name == "HumanEval" && sandbox.is_none() {
+                                let sb = Sandbox::new(cfg.sandbox.clone())?;
+                                section.sandbox_network_isolated = Some(sb.network_isolated());
+                                if !sb.network_isolated() {
+                                    notes.push(NOT_ISOLATED_NOTE.into());
+                                }
+                                sandbox = Some(sb);
+                            }
+                            if name == "HumanEval" {
+                                extra = serde_json::json!({
+                                    "network_isolated": section.sandbox_network_isolated,
+                                });
+                            }
+                            evaluate_generative(
+                                generator,
+                                inputs.tokenizer,
+                                &task,
+                                &gen_opts,
+                                sandbox.as_ref(),
+                                Some(&pb),
+                            )?
+                        };
+                        pb.finish_and_clear();
+                        tracing::info!(task = %name, accuracy = score.accuracy, seconds = score.seconds, "chat task done");
+                        ckpt.save("chat", name, &key, &score, &results, &task.skipped, extra)?;
+                        (score, results, task.skipped)
+                    }
                 };
-                pb.finish_and_clear();
-                tracing::info!(task = %name, accuracy = score.accuracy, seconds = score.seconds, "chat task done");
                 if score.excluded > 0 {
                     notes.push(format!(
                         "{name}: {} test items overlapping gsm_symbolic_train excluded",
@@ -527,13 +667,16 @@ pub fn run_eval(cfg: &EvalConfig, inputs: &EvalInputs<'_>, out_dir: &Path) -> Re
                     ));
                 }
                 write_jsonl(&results_dir.join(format!("{name}.jsonl")), &results)?;
-                failures.add(&results, &task.skipped);
-                skipped_all.extend(task.skipped.iter().cloned());
+                failures.add(&results, &skipped);
+                skipped_all.extend(skipped.iter().cloned());
                 section.tasks.push(score);
             }
             section.chatcore = chatcore(&section.tasks);
             metrics.chat = Some(section);
         }
+    }
+    if !ckpt.restored.is_empty() {
+        tracing::info!(tasks = ?ckpt.restored, "reused task checkpoints from the work dir");
     }
     write_jsonl(&out_dir.join("skipped.jsonl"), &skipped_all)?;
     metrics.failures = failures;
@@ -619,6 +762,17 @@ pub fn summary_markdown(m: &EvalMetrics) -> String {
     }
     s
 }
+
+/// Where a chat task's items come from.
+enum ChatSource {
+    /// SpellingBee over this word list.
+    SpellingBee(PathBuf),
+    /// A task file, and the GSM8K overlap list when rows are excluded.
+    File(PathBuf, Option<PathBuf>),
+}
+
+const NOT_ISOLATED_NOTE: &str =
+    "HumanEval ran WITHOUT network isolation (the kernel refused a network namespace)";
 
 /// Resolve a possibly relative path against `base`.
 pub fn resolve(base: &Path, p: &Path) -> PathBuf {

@@ -31,9 +31,20 @@ fn make_model(root: &Path) -> PathBuf {
 }
 
 fn run_stage(config: &str, model: &Path, out: &Path, work: &Path) -> std::process::Output {
+    run_stage_env(config, model, out, work, &[])
+}
+
+fn run_stage_env(
+    config: &str,
+    model: &Path,
+    out: &Path,
+    work: &Path,
+    env: &[(&str, &str)],
+) -> std::process::Output {
     let cfg = out.with_extension("toml");
     std::fs::write(&cfg, config).unwrap();
     Command::new(env!("CARGO_BIN_EXE_nanochat-eval"))
+        .envs(env.iter().copied())
         .arg("--config")
         .arg(&cfg)
         .arg("--input")
@@ -121,4 +132,69 @@ fn eval_binary_base_and_chat_modes() {
     );
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("batch"));
+}
+
+/// The process crashes after its first checkpointed task (test hook); the rerun with the same
+/// --work dir restores that task, evaluates the rest and publishes the same metrics and results
+/// as a run that was never interrupted.
+#[test]
+fn crashed_eval_stage_resumes_from_its_work_dir() {
+    let root = tempfile::tempdir().unwrap();
+    let model = make_model(root.path());
+    // one scoring path: `auto` picks by timing, whose losses may differ in the last bits
+    let cfg = format!(
+        "mode = \"base\"\ncore_dir = {:?}\nbatch_size = 8\nscoring = \"padded\"\n",
+        testdata("core_sample")
+    );
+    fn strip_seconds(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(m) => {
+                m.remove("seconds");
+                m.values_mut().for_each(strip_seconds);
+            }
+            serde_json::Value::Array(a) => a.iter_mut().for_each(strip_seconds),
+            _ => {}
+        }
+    }
+    let read = |out: &Path| {
+        let mut m: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap())
+                .unwrap();
+        strip_seconds(&mut m);
+        let results: Vec<String> = ["mini_mc", "mini_schema", "mini_lm"]
+            .iter()
+            .map(|t| std::fs::read_to_string(out.join(format!("results/{t}.jsonl"))).unwrap())
+            .collect();
+        (m, results)
+    };
+
+    let clean = root.path().join("clean");
+    let o = run_stage(&cfg, &model, &clean, &root.path().join("work_clean"));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let work = root.path().join("work");
+    let crashed = root.path().join("crashed");
+    let o = run_stage_env(
+        &cfg,
+        &model,
+        &crashed,
+        &work,
+        &[("NANOCHAT_EVAL_TEST_ABORT_AFTER_TASKS", "1")],
+    );
+    assert!(!o.status.success(), "the abort hook did not fire");
+    assert!(
+        !crashed.join("metrics.json").exists(),
+        "no partial artifact"
+    );
+
+    let resumed = root.path().join("resumed");
+    let o = run_stage(&cfg, &model, &resumed, &work);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert_eq!(
+        err.matches("restored from the work dir").count(),
+        1,
+        "{err}"
+    );
+    assert_eq!(read(&resumed), read(&clean));
 }

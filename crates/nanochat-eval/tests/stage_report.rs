@@ -4,7 +4,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use nanochat_eval::report;
-use nanochat_eval::stage::{run_eval, EvalConfig, EvalInputs, ModelInfo, OverlapPolicy};
+use nanochat_eval::stage::{
+    run_eval, run_eval_resumable, EvalConfig, EvalInputs, ModelInfo, OverlapPolicy,
+};
 use nanochat_eval::testing::{ByteTokenizer, OracleModel, ScriptedGenerator};
 
 fn testdata(name: &str) -> PathBuf {
@@ -49,6 +51,7 @@ fn eval_base(out: &Path) -> nanochat_eval::stage::EvalMetrics {
         model_info: ModelInfo {
             description: "oracle".into(),
             trained_on: vec![],
+            ..Default::default()
         },
         interrupted: &|| false,
     };
@@ -162,6 +165,7 @@ fn eval_chat(
         model_info: ModelInfo {
             description: "scripted".into(),
             trained_on,
+            ..Default::default()
         },
         interrupted: &|| false,
     };
@@ -364,4 +368,156 @@ fn tiny_pipeline_eval_configs_parse_and_point_at_shipped_data() {
     let specs =
         nanochat_eval::core::bundle::load_bundle(&root.join("data/eval-sample/core")).unwrap();
     assert_eq!(specs.len(), 22);
+}
+
+/// An [`OracleModel`] that counts its forward passes.
+struct Counting {
+    inner: OracleModel,
+    calls: std::sync::atomic::AtomicUsize,
+}
+
+impl nanochat_eval::LogProbModel for Counting {
+    fn logits(
+        &self,
+        tokens: &[u32],
+        batch: usize,
+        seq_len: usize,
+    ) -> nanochat_eval::Result<nanochat_eval::LogitsBatch> {
+        self.calls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inner.logits(tokens, batch, seq_len)
+    }
+}
+
+/// Runs the base suite on the CORE sample with `work` as the work dir; `stop_after` polls of
+/// the interrupt flag later, the run is interrupted. Returns the result and the forward count.
+fn resumable_base(
+    out: &Path,
+    work: Option<&Path>,
+    fingerprint: &str,
+    cfg: &EvalConfig,
+    stop_after: Option<usize>,
+) -> (
+    nanochat_eval::Result<nanochat_eval::stage::EvalMetrics>,
+    usize,
+) {
+    let model = Counting {
+        inner: OracleModel::new(|t| t.ends_with("alpha") || t.ends_with("lazy")),
+        calls: Default::default(),
+    };
+    let polls = std::sync::atomic::AtomicUsize::new(0);
+    let interrupted = || {
+        let n = polls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        stop_after.is_some_and(|s| n >= s)
+    };
+    let inputs = EvalInputs {
+        model: &model,
+        generator: None,
+        tokenizer: &ByteTokenizer,
+        token_bytes: None,
+        model_info: ModelInfo {
+            description: "oracle".into(),
+            fingerprint: fingerprint.into(),
+            ..Default::default()
+        },
+        interrupted: &interrupted,
+    };
+    let r = run_eval_resumable(cfg, &inputs, out, work);
+    (r, model.calls.into_inner())
+}
+
+/// metrics.json without wall times, plus every results file: what must not change when a
+/// run is resumed.
+fn artifact_without_times(out: &Path) -> (serde_json::Value, Vec<(String, String)>) {
+    fn strip(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(m) => {
+                m.remove("seconds");
+                m.values_mut().for_each(strip);
+            }
+            serde_json::Value::Array(a) => a.iter_mut().for_each(strip),
+            _ => {}
+        }
+    }
+    let mut m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    strip(&mut m);
+    let mut files: Vec<(String, String)> = std::fs::read_dir(out.join("results"))
+        .unwrap()
+        .map(|e| {
+            let p = e.unwrap().path();
+            (
+                p.file_name().unwrap().to_string_lossy().into_owned(),
+                std::fs::read_to_string(&p).unwrap(),
+            )
+        })
+        .collect();
+    files.sort();
+    files.push((
+        "skipped.jsonl".into(),
+        std::fs::read_to_string(out.join("skipped.jsonl")).unwrap(),
+    ));
+    (m, files)
+}
+
+#[test]
+fn interrupted_eval_resumes_from_task_checkpoints() {
+    let root = tempfile::tempdir().unwrap();
+    let work = root.path().join("work");
+    let cfg = base_config();
+    let dir = |n: &str| {
+        let d = root.path().join(n);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    };
+
+    // the reference: one uninterrupted run without checkpoints
+    let (clean, clean_calls) = resumable_base(&dir("clean"), None, "model-a", &cfg, None);
+    clean.unwrap();
+    assert!(clean_calls > 0);
+
+    // interrupted after the first task (the flag is polled before each task)
+    let (r, first_calls) = resumable_base(&dir("run1"), Some(&work), "model-a", &cfg, Some(1));
+    assert!(r.unwrap_err().to_string().contains("interrupted"));
+    assert!(first_calls > 0 && first_calls < clean_calls);
+    let saved: Vec<_> = std::fs::read_dir(work.join("tasks")).unwrap().collect();
+    assert_eq!(saved.len(), 2, "one task: its .json and its .results.jsonl");
+
+    // the rerun skips the finished task and produces the same artifact
+    let (r, rerun_calls) = resumable_base(&dir("run2"), Some(&work), "model-a", &cfg, None);
+    r.unwrap();
+    assert_eq!(rerun_calls, clean_calls - first_calls);
+    assert_eq!(
+        artifact_without_times(&root.path().join("run2")),
+        artifact_without_times(&root.path().join("clean"))
+    );
+
+    // a finished run's checkpoints are all reused...
+    let (r, calls) = resumable_base(&dir("run3"), Some(&work), "model-a", &cfg, None);
+    r.unwrap();
+    assert_eq!(calls, 0);
+    // ...but not for another model,
+    let (r, calls) = resumable_base(&dir("run4"), Some(&work), "model-b", &cfg, None);
+    r.unwrap();
+    assert_eq!(calls, clean_calls);
+    // nor for other task settings (the item limit changes every task's key)
+    let mut fewer = cfg.clone();
+    fewer.max_per_task = 3;
+    let (r, calls) = resumable_base(&dir("run5"), Some(&work), "model-b", &fewer, None);
+    assert_eq!(r.unwrap().core.unwrap().tasks[0].items, 3);
+    assert!(calls > 0);
+    // and a corrupt checkpoint is recomputed, not trusted
+    for e in std::fs::read_dir(work.join("tasks")).unwrap() {
+        let p = e.unwrap().path();
+        if p.to_string_lossy().ends_with(".results.jsonl") {
+            std::fs::write(&p, "{not json\n").unwrap();
+        }
+    }
+    let (r, calls) = resumable_base(&dir("run6"), Some(&work), "model-b", &fewer, None);
+    r.unwrap();
+    assert!(calls > 0);
+    // without a model fingerprint nothing is reused
+    let (r, calls) = resumable_base(&dir("run7"), Some(&work), "", &cfg, None);
+    r.unwrap();
+    assert_eq!(calls, clean_calls);
 }

@@ -14,7 +14,7 @@ use clap::Parser;
 use nanochat_artifacts::stage::{self, StageArgs, StageContext};
 use nanochat_eval::adapters::EngineGenerator;
 use nanochat_eval::stage::{
-    run_eval, summary_markdown, EvalConfig, EvalInputs, EvalMode, ModelInfo,
+    run_eval_resumable, summary_markdown, EvalConfig, EvalInputs, EvalMode, ModelInfo,
 };
 use nanochat_eval::Generator;
 use nanochat_tokenizer::Tokenizer;
@@ -72,6 +72,36 @@ fn training_data_mentions(dirs: &[&Path]) -> Vec<String> {
     out.sort();
     out.dedup();
     out
+}
+
+/// Identity of the model for task checkpoints: sha256 over the name and sha256 of every file
+/// directly in the checkpoint dir (weights, config, metadata) and the tokenizer files.
+fn model_fingerprint(ckpt_dir: &Path, tok_dir: &Path) -> anyhow::Result<String> {
+    let mut lines = String::new();
+    for (tag, dir) in [("model", ckpt_dir), ("tokenizer", tok_dir)] {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .with_context(|| format!("listing {}", dir.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file())
+            .filter(|p| {
+                tag == "model"
+                    || p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("tokenizer"))
+            })
+            .collect();
+        files.sort();
+        for f in files {
+            let (hex, _) = nanochat_artifacts::sha256_file(&f)
+                .with_context(|| format!("hashing {}", f.display()))?;
+            let name = f
+                .file_name()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default();
+            lines.push_str(&format!("{tag}/{name} {hex}\n"));
+        }
+    }
+    Ok(nanochat_artifacts::sha256_hex(lines.as_bytes()))
 }
 
 /// Greedy generation with the calculator tool, through nanochat-engine.
@@ -154,6 +184,7 @@ fn run() -> anyhow::Result<()> {
         c.sequence_len
     );
     let trained_on = training_data_mentions(&[model_root, &ckpt_dir]);
+    let fingerprint = model_fingerprint(&ckpt_dir, &tok_dir)?;
     tracing::info!(%description, ?trained_on, mode = ?cfg.mode, "evaluating");
     let gpt = Arc::new(gpt);
     let generator: Option<Box<dyn Generator>> = match cfg.mode {
@@ -169,10 +200,11 @@ fn run() -> anyhow::Result<()> {
         model_info: ModelInfo {
             description,
             trained_on,
+            fingerprint,
         },
         interrupted: &interrupted,
     };
-    let metrics = run_eval(&cfg, &inputs, ctx.out_dir())?;
+    let metrics = run_eval_resumable(&cfg, &inputs, ctx.out_dir(), Some(ctx.work_dir()))?;
     eprintln!("{}", summary_markdown(&metrics));
     Ok(())
 }
