@@ -2,13 +2,14 @@
 //! (forward + backward) and batch-1 KV-cached decoding.
 //!
 //! `cargo run --release -p nanochat-model --example bench -- DEPTH SEQ BATCH VOCAB [STEPS]`
-//! Prints one JSON line (compare with ../shared/tools/bench_torch_cpu.py, run back to back).
+//! Training is timed with f32 and with bf16 matmuls (`train_bf16_*`), after the f32 and bf16
+//! GEMM peaks. Prints one JSON line (compare with ../shared/tools/bench_torch_cpu.py, run back to back).
 
 use std::time::Instant;
 
 use nanochat_model::kernels::bf16::{gemm_bf16, Op};
 use nanochat_model::kernels::gemm_acc;
-use nanochat_model::{Gpt, GptConfig, KvCache, Reduction};
+use nanochat_model::{Gpt, GptConfig, KvCache, MatmulPrecision, Reduction};
 
 /// Best-of-3 GFLOP/s of a 2048×1024×512 GEMM (f32, or bf16 with f32 accumulation).
 fn gemm_peak(bf16: bool) -> f64 {
@@ -76,22 +77,37 @@ fn main() -> anyhow::Result<()> {
     let n = batch * seq;
     let idx: Vec<u32> = (0..n).map(|i| ((i * 7919 + 13) % vocab) as u32).collect();
     let tg: Vec<i32> = (0..n).map(|i| ((i * 104729 + 7) % vocab) as i32).collect();
-    m.zero_grad()?;
-    m.forward_backward(&idx, &tg, batch, seq, Reduction::Mean)?; // warm-up: allocates buffers
-    let t = Instant::now();
-    for _ in 0..steps {
+    // Forward+backward tokens/s at one matmul precision (after a warm-up step that allocates).
+    let time_train = |m: &mut Gpt, precision: MatmulPrecision| -> anyhow::Result<f64> {
+        m.set_matmul_precision(precision);
         m.zero_grad()?;
         m.forward_backward(&idx, &tg, batch, seq, Reduction::Mean)?;
-    }
-    let step_s = t.elapsed().as_secs_f64() / steps as f64;
-    let tps = n as f64 / step_s;
+        let t = Instant::now();
+        for _ in 0..steps {
+            m.zero_grad()?;
+            m.forward_backward(&idx, &tg, batch, seq, Reduction::Mean)?;
+        }
+        Ok(n as f64 * steps as f64 / t.elapsed().as_secs_f64())
+    };
+    // NANOCHAT_BENCH_BF16_ONLY=1: time bf16 training only (for profiling).
+    let tps = if std::env::var_os("NANOCHAT_BENCH_BF16_ONLY").is_some() {
+        f64::NAN
+    } else {
+        time_train(&mut m, MatmulPrecision::F32)?
+    };
+    let tps_bf16 = time_train(&mut m, MatmulPrecision::Bf16)?;
+    m.set_matmul_precision(MatmulPrecision::F32);
+    let step_s = n as f64 / tps;
     // Matmul FLOPs actually done: 6·(non-embedding params) per token + causal attention
     // (QK and PV, fwd + bwd with recomputed scores ≈ 5 · 2·T²/2·D per head per layer / T).
     let nonemb = (cfg.num_params() - cfg.padded_vocab_size() * cfg.n_embd) as f64;
     let attn = 5.0 * (cfg.n_layer * cfg.n_head * cfg.head_dim() * seq) as f64;
     let gflops = (6.0 * nonemb + attn) * tps / 1e9;
+    let gflops_bf16 = (6.0 * nonemb + attn) * tps_bf16 / 1e9;
     if train_only {
-        println!("train_tokens_per_s {tps:.1} gflops {gflops:.1}");
+        println!(
+            "train_tokens_per_s {tps:.1} gflops {gflops:.1} | bf16 {tps_bf16:.1} gflops {gflops_bf16:.1}"
+        );
         return Ok(());
     }
     m.release_training_state();
@@ -124,6 +140,8 @@ fn main() -> anyhow::Result<()> {
             "train_step_s": (step_s * 1e4).round() / 1e4,
             "train_tokens_per_s": (tps * 10.0).round() / 10.0,
             "train_gflops": (gflops * 10.0).round() / 10.0,
+            "train_bf16_tokens_per_s": (tps_bf16 * 10.0).round() / 10.0,
+            "train_bf16_gflops": (gflops_bf16 * 10.0).round() / 10.0,
             "gemm_peak_gflops": (peak * 10.0).round() / 10.0,
             "gemm_peak_bf16_gflops": (peak_bf16 * 10.0).round() / 10.0,
             "decode_tokens_per_s": (dec_tps * 10.0).round() / 10.0,

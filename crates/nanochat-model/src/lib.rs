@@ -22,6 +22,7 @@ mod rng;
 pub use checkpoint::{load_checkpoint, save_checkpoint, CheckpointMeta, CHECKPOINT_FORMAT_VERSION};
 pub use config::GptConfig;
 pub use error::{ModelError, Result};
+pub use kernels::MatmulPrecision;
 pub use kv_cache::KvCache;
 pub use memory::{estimate_memory, MemoryEstimate, Workload};
 pub use model::{Gpt, ParamMut, ParamRef, ParamsMut, Reduction};

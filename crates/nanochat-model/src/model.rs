@@ -4,7 +4,7 @@ use rayon::prelude::*;
 
 use crate::config::GptConfig;
 use crate::error::{alloc_f32, ModelError, Result};
-use crate::kernels::{gemm_acc, gemm_set, gemm_tn_acc, has_avx2, transpose};
+use crate::kernels::{has_avx2, matmul_nn, matmul_tn_acc, transpose, MatmulPrecision};
 use crate::ops::{
     attention_bwd, attention_fwd, rmsnorm_bwd, rmsnorm_bwd_inplace, rmsnorm_fwd, rmsnorm_inplace,
     softcapped_ce_row, AttnShape, Rope,
@@ -208,6 +208,7 @@ pub struct Gpt {
     pub(crate) wt: Vec<Vec<f32>>,
     pub(crate) rope: Rope,
     acts: Option<Box<Activations>>,
+    precision: MatmulPrecision,
 }
 
 impl std::fmt::Debug for Gpt {
@@ -286,7 +287,21 @@ impl Gpt {
             wt,
             rope,
             acts: None,
+            precision: MatmulPrecision::F32,
         })
+    }
+
+    /// Arithmetic of the dense matmuls in training and full-sequence forward passes
+    /// ([`Gpt::forward_backward`], [`Gpt::loss`], [`Gpt::logits`]): f32 by default; bf16 is
+    /// the analogue of the reference's bf16 autocast. A run-time choice, not part of the
+    /// checkpoint (weights stay f32 either way). KV-cached decoding always runs in f32.
+    pub fn set_matmul_precision(&mut self, precision: MatmulPrecision) {
+        self.precision = precision;
+    }
+
+    /// See [`Gpt::set_matmul_precision`].
+    pub fn matmul_precision(&self) -> MatmulPrecision {
+        self.precision
     }
 
     /// The model's configuration.
@@ -598,11 +613,7 @@ impl Drop for ParamsMut<'_> {
 /// `y = x·Wᵀ` (or `+=`) for parameter `i`, through its `[in, out]` copy.
 fn linear(model: &Gpt, i: usize, rows: usize, x: &[f32], y: &mut [f32], acc: bool) -> Result<()> {
     let [out, inp] = model.specs[i].shape;
-    if acc {
-        gemm_acc(rows, out, inp, x, &model.wt[i], y)
-    } else {
-        gemm_set(rows, out, inp, x, &model.wt[i], y)
-    }
+    matmul_nn(model.precision, rows, out, inp, x, &model.wt[i], y, acc)
 }
 
 /// Embedding → norm → blocks → final norm, saving what the backward pass needs.
@@ -666,12 +677,14 @@ fn head(
     let chunk = logit_chunk_rows(vp, n);
     let softcap = cfg.softcap;
     let avx = has_avx2();
+    let prec = model.precision;
     let mut total = 0.0f64;
     for r0 in (0..n).step_by(chunk) {
         let r1 = (r0 + chunk).min(n);
         let rc = r1 - r0;
         let logits = &mut a.logits[..rc * vp];
-        gemm_set(rc, vp, c, &a.xf[r0 * c..r1 * c], &model.wt[lm], logits)?;
+        let xf = &a.xf[r0 * c..r1 * c];
+        matmul_nn(model.precision, rc, vp, c, xf, &model.wt[lm], logits, false)?;
         let grad_scale = grad.as_ref().map(|g| g.0);
         let tg = |r: usize| {
             if targets.is_empty() {
@@ -714,15 +727,10 @@ fn head(
             }
         }
         if let Some((_, dlm)) = grad.as_mut() {
-            gemm_set(
-                rc,
-                c,
-                vp,
-                logits,
-                &model.data[lm],
-                &mut a.dxn[r0 * c..r1 * c],
-            )?;
-            gemm_tn_acc(
+            let dxn = &mut a.dxn[r0 * c..r1 * c];
+            matmul_nn(prec, rc, c, vp, logits, &model.data[lm], dxn, false)?;
+            matmul_tn_acc(
+                prec,
                 vp,
                 c,
                 rc,
@@ -748,12 +756,13 @@ fn trunk_backward(model: &mut Gpt, a: &mut Activations, idx: &[u32]) -> Result<(
     let shape = AttnShape { b, t, h, hk, d };
     rmsnorm_bwd(&a.dxn, &a.xf, &a.rstdf, &mut a.dx, c, false);
     let (data, grads) = (&model.data, &mut model.grads);
+    let p = model.precision;
     for l in (0..cfg.n_layer).rev() {
         let la = &a.layers[l];
         // MLP: x += relu(xn2·Wfcᵀ)²·Wprojᵀ
         let (ip, ifc) = (layer_param(l, MLP_PROJ), layer_param(l, FC));
-        gemm_set(n, f, c, &a.dx, &data[ip], &mut a.dh)?;
-        gemm_tn_acc(c, f, n, &a.dx, &la.act, &mut grads[ip], &mut a.tscratch)?;
+        matmul_nn(p, n, f, c, &a.dx, &data[ip], &mut a.dh, false)?;
+        matmul_tn_acc(p, c, f, n, &a.dx, &la.act, &mut grads[ip], &mut a.tscratch)?;
         a.dh.par_chunks_mut(f)
             .zip(la.hpre.par_chunks(f))
             .for_each(|(g, hp)| {
@@ -761,13 +770,22 @@ fn trunk_backward(model: &mut Gpt, a: &mut Activations, idx: &[u32]) -> Result<(
                     *g *= 2.0 * x.max(0.0);
                 }
             });
-        gemm_set(n, c, f, &a.dh, &data[ifc], &mut a.dxn)?;
-        gemm_tn_acc(f, c, n, &a.dh, &la.xn2, &mut grads[ifc], &mut a.tscratch)?;
+        matmul_nn(p, n, c, f, &a.dh, &data[ifc], &mut a.dxn, false)?;
+        matmul_tn_acc(p, f, c, n, &a.dh, &la.xn2, &mut grads[ifc], &mut a.tscratch)?;
         rmsnorm_bwd(&a.dxn, &la.xn2, &la.rstd2, &mut a.dx, c, true);
         // Attention: x += attn(q, k, v)·Wprojᵀ
         let ipr = layer_param(l, PROJ);
-        gemm_set(n, c, c, &a.dx, &data[ipr], &mut a.dya)?;
-        gemm_tn_acc(c, c, n, &a.dx, &la.yatt, &mut grads[ipr], &mut a.tscratch)?;
+        matmul_nn(p, n, c, c, &a.dx, &data[ipr], &mut a.dya, false)?;
+        matmul_tn_acc(
+            p,
+            c,
+            c,
+            n,
+            &a.dx,
+            &la.yatt,
+            &mut grads[ipr],
+            &mut a.tscratch,
+        )?;
         attention_bwd(
             shape, &la.q, &la.k, &la.v, &la.yatt, &la.lse, &a.dya, &mut a.dq, &mut a.dk, &mut a.dv,
         )?;
@@ -776,12 +794,12 @@ fn trunk_backward(model: &mut Gpt, a: &mut Activations, idx: &[u32]) -> Result<(
         model.rope.apply(&mut a.dq, h, &a.pos, true);
         model.rope.apply(&mut a.dk, hk, &a.pos, true);
         let (iq, ik, iv) = (layer_param(l, Q), layer_param(l, K), layer_param(l, V));
-        gemm_set(n, c, c, &a.dq, &data[iq], &mut a.dxn)?;
-        gemm_acc(n, c, kd, &a.dk, &data[ik], &mut a.dxn)?;
-        gemm_acc(n, c, kd, &a.dv, &data[iv], &mut a.dxn)?;
-        gemm_tn_acc(c, c, n, &a.dq, &la.xn1, &mut grads[iq], &mut a.tscratch)?;
-        gemm_tn_acc(kd, c, n, &a.dk, &la.xn1, &mut grads[ik], &mut a.tscratch)?;
-        gemm_tn_acc(kd, c, n, &a.dv, &la.xn1, &mut grads[iv], &mut a.tscratch)?;
+        matmul_nn(p, n, c, c, &a.dq, &data[iq], &mut a.dxn, false)?;
+        matmul_nn(p, n, c, kd, &a.dk, &data[ik], &mut a.dxn, true)?;
+        matmul_nn(p, n, c, kd, &a.dv, &data[iv], &mut a.dxn, true)?;
+        matmul_tn_acc(p, c, c, n, &a.dq, &la.xn1, &mut grads[iq], &mut a.tscratch)?;
+        matmul_tn_acc(p, kd, c, n, &a.dk, &la.xn1, &mut grads[ik], &mut a.tscratch)?;
+        matmul_tn_acc(p, kd, c, n, &a.dv, &la.xn1, &mut grads[iv], &mut a.tscratch)?;
         rmsnorm_bwd(&a.dxn, &la.xn1, &la.rstd1, &mut a.dx, c, true);
     }
     rmsnorm_bwd(&a.dx, &a.xn0, &a.rstd0, &mut a.dxn, c, false);

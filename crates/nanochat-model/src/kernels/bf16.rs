@@ -194,14 +194,25 @@ impl PackBuf {
     /// A buffer of `len` words whose start is 64-byte aligned (every B pair row is then two
     /// whole cache lines). Contents are unspecified: packing writes every word, padding included.
     fn take(len: usize) -> Self {
+        // Best fit from the pool: the smallest buffer that is large enough, else the largest
+        // (grown once). After the first step of a training loop the pool holds buffers for the
+        // largest operands and no call allocates or page-faults again.
+        let need = len + 16;
         let mut buf = POOL.with(|p| {
             let mut v = p.take();
-            let b = v.pop().unwrap_or_default();
+            let pick = v
+                .iter()
+                .enumerate()
+                .filter(|(_, b)| b.len() >= need)
+                .min_by_key(|(_, b)| b.len())
+                .or_else(|| v.iter().enumerate().max_by_key(|(_, b)| b.len()))
+                .map(|(i, _)| i);
+            let b = pick.map(|i| v.swap_remove(i)).unwrap_or_default();
             p.set(v);
             b
         });
-        if buf.len() < len + 16 {
-            buf.resize(len + 16, 0);
+        if buf.len() < need {
+            buf.resize(need, 0);
         }
         let off = buf.as_ptr().align_offset(64).min(16);
         PackBuf { buf, off, len }
