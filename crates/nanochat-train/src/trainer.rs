@@ -14,7 +14,9 @@ use std::time::Instant;
 
 use nanochat_data::chat_batches::{PaddedBatches, StreamBatches};
 use nanochat_data::{Batch, DataError, PackerState, PretrainLoader};
-use nanochat_model::{load_checkpoint, save_checkpoint, CheckpointMeta, Gpt, ParamMut, Reduction};
+use nanochat_model::{
+    load_checkpoint, save_checkpoint, CheckpointMeta, Gpt, MatmulPrecision, ParamMut, Reduction,
+};
 use nanochat_tokenizer::Tokenizer;
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
@@ -112,9 +114,15 @@ pub struct LoopConfig {
     /// AdamW weight decay.
     #[serde(default)]
     pub weight_decay: f32,
-    /// Emulate the reference's bf16 Newton–Schulz (true) or run it in f32.
+    /// Run Muon's Newton–Schulz in bf16 like the reference (true: bf16 operands, f32
+    /// accumulation, on the bf16 GEMM) or in f32.
     #[serde(default = "d_true")]
     pub muon_bf16: bool,
+    /// Arithmetic of the model's matmuls: `"f32"` (default) or `"bf16"` (bf16 operands, f32
+    /// accumulation; the CPU analogue of the reference's bf16 autocast, ~2× the matmul rate on
+    /// CPUs with AVX-512 BF16). Weights, gradients and optimizer state stay f32 either way.
+    #[serde(default)]
+    pub matmul_precision: MatmulPrecision,
     /// Multiplies every initial lr (nanochat's mid/SFT stages start from a fraction).
     #[serde(default = "d_1")]
     pub init_lr_frac: f64,
@@ -566,6 +574,8 @@ pub fn train(
         }
     }
 
+    // A run-time choice, not part of the checkpoint: a resumed run uses this run's setting.
+    model.set_matmul_precision(cfg.matmul_precision);
     let specs: Vec<(String, Vec<usize>)> = model
         .param_specs()
         .iter()
