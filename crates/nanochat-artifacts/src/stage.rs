@@ -288,6 +288,59 @@ pub fn interrupt_exit_code() -> Option<i32> {
     )
 }
 
+/// The whole `main` of a stage binary: tracing to stderr (`RUST_LOG`, default `info`), the
+/// SIGINT/SIGTERM handlers, the contract's arguments, then `body`; exits the process with
+/// `body`'s code, or with 1 after printing `<name>: error: <message>` (the error's whole chain,
+/// `{:#}` as anyhow formats it). `body` returns [`interrupt_exit_code`] when a signal stopped it.
+///
+/// ```no_run
+/// fn main() {
+///     nanochat_artifacts::stage::run_main("nanochat-example", |ctx| -> anyhow::Result<i32> {
+///         let _config_path = ctx.config_path();
+///         Ok(0)
+///     })
+/// }
+/// ```
+pub fn run_main<E: std::fmt::Display>(
+    name: &str,
+    body: impl FnOnce(&StageContext) -> std::result::Result<i32, E>,
+) -> ! {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let prepared = install_signal_handlers()
+        .and_then(|()| StageContext::from_env())
+        .map_err(|e| error_chain(&e));
+    let code = match prepared.and_then(|ctx| body(&ctx).map_err(|e| format!("{e:#}"))) {
+        Ok(code) => code,
+        Err(message) => {
+            eprintln!("{name}: error: {message}");
+            1
+        }
+    };
+    std::process::exit(code)
+}
+
+/// `error: cause: cause …`, the way anyhow's alternate form prints a chain, except that a cause
+/// the message already ends with (`"{path}: {source}"` errors) is not repeated.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let cause = s.to_string();
+        if !text.ends_with(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+        source = s.source();
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -466,5 +519,23 @@ mod tests {
         signal_hook::low_level::raise(signal_hook::consts::SIGTERM).unwrap();
         assert!(interrupted());
         assert_eq!(interrupt_exit_code(), Some(143));
+    }
+
+    #[test]
+    fn error_chain_lists_every_cause() {
+        let e = Error::Io {
+            op: "reading",
+            path: PathBuf::from("x.toml"),
+            source: std::io::Error::other("disk on fire"),
+        };
+        assert_eq!(error_chain(&e), "reading x.toml: disk on fire");
+        // A cause the message does not already state is appended.
+        #[derive(Debug, thiserror::Error)]
+        #[error("loading the stage config")]
+        struct Outer(#[source] Error);
+        assert_eq!(
+            error_chain(&Outer(e)),
+            "loading the stage config: reading x.toml: disk on fire"
+        );
     }
 }

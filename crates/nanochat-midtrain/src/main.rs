@@ -6,7 +6,7 @@
 use nanochat_train::chat_stage::{run_chat_stage, ChatStageKind};
 
 fn main() {
-    nanochat_train::process::run_stage("nanochat-midtrain", |ctx| {
+    nanochat_artifacts::stage::run_main("nanochat-midtrain", |ctx| {
         run_chat_stage(ChatStageKind::Midtrain, ctx)
     })
 }

@@ -95,7 +95,7 @@ fn default_world_size() -> usize {
 }
 
 fn main() {
-    nanochat_train::process::run_stage("nanochat-pretrain", run)
+    stage::run_main("nanochat-pretrain", run)
 }
 
 fn run(ctx: &StageContext) -> Result<i32> {

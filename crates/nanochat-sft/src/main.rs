@@ -6,7 +6,7 @@
 use nanochat_train::chat_stage::{run_chat_stage, ChatStageKind};
 
 fn main() {
-    nanochat_train::process::run_stage("nanochat-sft", |ctx| {
+    nanochat_artifacts::stage::run_main("nanochat-sft", |ctx| {
         run_chat_stage(ChatStageKind::Sft, ctx)
     })
 }

@@ -188,3 +188,64 @@ fn sft_killed_mid_run_resumes_to_identical_weights() {
         "resumed weights differ from the uninterrupted run"
     );
 }
+
+#[test]
+fn midtrain_killed_mid_run_resumes_to_identical_weights() {
+    let d = tempfile::tempdir().unwrap();
+    setup(d.path());
+    let cfg = format!(
+        "threads = 1\n[train]\ndevice_batch_size = 2\ntotal_batch_size = 256\nnum_iterations = 5\nsave_every = 2\neval_batches = 1\n{TASKS}"
+    );
+    let full = run_in(
+        d.path(),
+        "nanochat-midtrain",
+        &cfg,
+        "full",
+        "full-work",
+        &[],
+    );
+    assert!(
+        full.status.success(),
+        "{}",
+        String::from_utf8_lossy(&full.stderr)
+    );
+    // Dies (abort, no cleanup) right after step 3: the checkpoint of step 2 is the newest.
+    let crashed = run_in(
+        d.path(),
+        "nanochat-midtrain",
+        &cfg,
+        "crashed",
+        "work",
+        &[("NANOCHAT_TEST_ABORT_AT_STEP", "3")],
+    );
+    assert!(!crashed.status.success(), "the abort hook did not fire");
+    assert!(d
+        .path()
+        .join("work/ckpt-00000002/train_state.json")
+        .is_file());
+    assert!(
+        !d.path().join("crashed/model").exists(),
+        "nothing published by a crashed run"
+    );
+    let resumed = run_in(d.path(), "nanochat-midtrain", &cfg, "resumed", "work", &[]);
+    let err = String::from_utf8_lossy(&resumed.stderr);
+    assert!(resumed.status.success(), "{err}");
+    assert!(
+        err.contains("resuming from checkpoint") && err.contains("ckpt-00000002"),
+        "{err}"
+    );
+    let w = |o: &str| std::fs::read(d.path().join(o).join("model/model.safetensors")).unwrap();
+    assert!(
+        w("full") == w("resumed"),
+        "resumed weights differ from the uninterrupted run"
+    );
+    // The resumed run's metrics continue the crashed run's, without repeated steps.
+    let metrics = std::fs::read_to_string(d.path().join("resumed/metrics.jsonl")).unwrap();
+    let steps: Vec<u64> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v.get("loss").is_some())
+        .map(|v| v["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, vec![1, 2, 3, 4, 5]);
+}
