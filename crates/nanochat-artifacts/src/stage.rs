@@ -294,12 +294,10 @@ pub fn interrupt_exit_code() -> Option<i32> {
 /// `{:#}` as anyhow formats it). `body` returns [`interrupt_exit_code`] when a signal stopped it.
 ///
 /// ```no_run
-/// fn main() {
-///     nanochat_artifacts::stage::run_main("nanochat-example", |ctx| -> anyhow::Result<i32> {
-///         let _config_path = ctx.config_path();
-///         Ok(0)
-///     })
-/// }
+/// nanochat_artifacts::stage::run_main("nanochat-example", |ctx| -> anyhow::Result<i32> {
+///     let _config_path = ctx.config_path();
+///     Ok(0)
+/// })
 /// ```
 pub fn run_main<E: std::fmt::Display>(
     name: &str,
