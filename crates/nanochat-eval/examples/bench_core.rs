@@ -3,10 +3,13 @@
 //! same items with the same tokenizer and model shape).
 //!
 //! usage: bench_core <shared/data> [DEPTH=8] [ITEMS=40] [TASK=hellaswag_zeroshot] [BATCH_ROWS=16]
+//!        [SCORING=auto|padded|tails]
 
 use std::time::Instant;
 
-use nanochat_eval::core::{bundle::load_bundle, evaluate_task, load_task, CoreOptions};
+use nanochat_eval::core::{
+    bundle::load_bundle, evaluate_task, load_task, CoreOptions, ScoringPath,
+};
 use nanochat_model::{Gpt, GptConfig};
 use nanochat_tokenizer::{OpenAiEncoding, Tokenizer};
 
@@ -17,6 +20,12 @@ fn main() -> anyhow::Result<()> {
     let items: usize = args.get(3).map_or(Ok(40), |s| s.parse())?;
     let task_name = args.get(4).map_or("hellaswag_zeroshot", |s| s.as_str());
     let batch_rows: usize = args.get(5).map_or(Ok(16), |s| s.parse())?;
+    let scoring = match args.get(6).map_or("auto", |s| s.as_str()) {
+        "auto" => ScoringPath::Auto,
+        "padded" => ScoringPath::Padded,
+        "tails" => ScoringPath::Tails,
+        other => anyhow::bail!("SCORING must be auto, padded or tails, not {other:?}"),
+    };
     let tok = Tokenizer::from_openai_file(
         &shared.join("tokenizer/cl100k_base.tiktoken.gz"),
         OpenAiEncoding::Cl100kBase,
@@ -39,13 +48,15 @@ fn main() -> anyhow::Result<()> {
     let opts = CoreOptions {
         max_per_task: Some(items),
         batch_rows,
+        scoring,
         ..Default::default()
     };
     let t = Instant::now();
     let (score, _) = evaluate_task(&gpt, &tok, &task, &opts, None)?;
     let dt = t.elapsed().as_secs_f64();
     println!(
-        "{{\"impl\": \"nanochat-eval\", \"task\": \"{task_name}\", \"depth\": {depth}, \"items\": {}, \"seconds\": {dt:.2}, \"items_per_s\": {:.3}, \"accuracy\": {:.4}, \"threads\": {}}}",
+        "{{\"impl\": \"nanochat-eval\", \"scoring\": \"{}\", \"task\": \"{task_name}\", \"depth\": {depth}, \"items\": {}, \"seconds\": {dt:.2}, \"items_per_s\": {:.3}, \"accuracy\": {:.4}, \"threads\": {}}}",
+        args.get(6).map_or("auto", |s| s.as_str()),
         score.items,
         score.items as f64 / dt,
         score.accuracy,

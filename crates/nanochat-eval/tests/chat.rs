@@ -467,3 +467,33 @@ fn spelling_bee_renders_like_the_reference_and_grades_the_count() {
         ]
     );
 }
+
+/// A categorical prompt longer than the model's limit is cropped from the left (the letter is
+/// read at the last position) instead of failing the run, as a real model refuses rows longer
+/// than its rotary table.
+#[test]
+fn categorical_crops_prompts_longer_than_the_model() {
+    struct Short(OracleModel);
+    impl nanochat_eval::LogProbModel for Short {
+        fn max_seq_len(&self) -> Option<usize> {
+            Some(24)
+        }
+        fn logits(
+            &self,
+            tokens: &[u32],
+            batch: usize,
+            seq_len: usize,
+        ) -> nanochat_eval::Result<nanochat_eval::LogitsBatch> {
+            if seq_len > 24 {
+                return Err(nanochat_eval::EvalError::Model(format!("{seq_len} > 24")));
+            }
+            self.0.logits(tokens, batch, seq_len)
+        }
+    }
+    let task = load_chat_task("MMLU", &testdata("chat_sample/mmlu.jsonl"), None, None).unwrap();
+    assert!(task.items.iter().all(|i| i.user.len() > 24));
+    let model = Short(OracleModel::new(|_| false));
+    let (score, results) = evaluate_categorical(&model, &ByteTokenizer, &task, 2, None).unwrap();
+    assert_eq!(score.items, 4);
+    assert_eq!(score.errors, 0, "{results:#?}");
+}

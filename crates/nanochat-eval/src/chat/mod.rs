@@ -401,7 +401,8 @@ fn finish(task: &ChatTask, results: &[ItemResult], started: Instant) -> ChatScor
 }
 
 /// Categorical evaluation: one forward per batch of prompts, then, at each prompt's last
-/// position, the argmax over the logits of the offered letters only.
+/// position, the argmax over the logits of the offered letters only. A prompt longer than
+/// [`LogProbModel::max_seq_len`] is cropped from the left.
 pub fn evaluate_categorical(
     model: &dyn LogProbModel,
     tokenizer: &dyn EvalTokenizer,
@@ -416,9 +417,18 @@ pub fn evaluate_categorical(
     let mut results = Vec::with_capacity(task.items.len());
     let indexed: Vec<(usize, &ChatItem)> = task.items.iter().enumerate().collect();
     for chunk in indexed.chunks(batch_size.max(1)) {
+        // Prompts longer than the model accepts keep their last tokens (where the answer letter
+        // is read), as CORE crops its prompts.
         let prompts: Vec<Result<Vec<u32>>> = chunk
             .iter()
-            .map(|(_, it)| tokenizer.render_chat_prompt(&it.user))
+            .map(|(_, it)| {
+                tokenizer.render_chat_prompt(&it.user).map(|mut p| {
+                    if let Some(m) = model.max_seq_len().filter(|&m| p.len() > m) {
+                        p.drain(..p.len() - m);
+                    }
+                    p
+                })
+            })
             .collect();
         let mut prompts_ok: Vec<Vec<u32>> = Vec::new();
         for p in &prompts {
