@@ -27,6 +27,17 @@ pub struct Sampling {
     pub max_tokens: usize,
 }
 
+impl Sampling {
+    /// The settings of sample `i` of a request for backends without seed streams: the seed
+    /// shifted by `i`, so that choices differ yet repeat.
+    pub fn nth_sample(&self, i: usize) -> Sampling {
+        Sampling {
+            seed: self.seed.map(|s| s.wrapping_add(i as u64)),
+            ..self.clone()
+        }
+    }
+}
+
 /// Why a sequence stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Finish {
@@ -76,11 +87,7 @@ pub trait DecodeBackend {
     ) -> Result<Vec<SeqId>> {
         let mut ids = Vec::with_capacity(n);
         for i in 0..n {
-            let s = Sampling {
-                seed: sampling.seed.map(|s| s.wrapping_add(i as u64)),
-                ..sampling.clone()
-            };
-            match self.add(prompt.clone(), s) {
+            match self.add(prompt.clone(), sampling.nth_sample(i)) {
                 Ok(id) => ids.push(id),
                 Err(e) => {
                     for id in ids {

@@ -19,6 +19,18 @@ pub trait PromptRenderer: Send + Sync + 'static {
     fn render_completion(&self, text: &str) -> Result<Vec<u32>>;
 }
 
+/// A validated turn as the tokenizer's chat message.
+fn to_message(t: &ChatTurn) -> Message {
+    Message {
+        role: match t.role {
+            Role::System => nanochat_tokenizer::Role::System,
+            Role::User => nanochat_tokenizer::Role::User,
+            Role::Assistant => nanochat_tokenizer::Role::Assistant,
+        },
+        content: Content::Text(t.content.clone()),
+    }
+}
+
 impl PromptRenderer for Tokenizer {
     /// nanochat's chat format, exactly as in training (system merged into the first user turn,
     /// strict user/assistant alternation), then `<|assistant_start|>`. Unlike
@@ -26,17 +38,7 @@ impl PromptRenderer for Tokenizer {
     /// window itself and says so instead of silently dropping the newest message.
     fn render_chat(&self, turns: &[ChatTurn]) -> Result<Vec<u32>> {
         let conversation = Conversation {
-            messages: turns
-                .iter()
-                .map(|t| Message {
-                    role: match t.role {
-                        Role::System => nanochat_tokenizer::Role::System,
-                        Role::User => nanochat_tokenizer::Role::User,
-                        Role::Assistant => nanochat_tokenizer::Role::Assistant,
-                    },
-                    content: Content::Text(t.content.clone()),
-                })
-                .collect(),
+            messages: turns.iter().map(to_message).collect(),
         };
         let (mut ids, _mask) = self
             .render_conversation(&conversation, usize::MAX)
@@ -297,17 +299,7 @@ mod tests {
             turn(Role::User, "how are you?"),
         ];
         let ours = PromptRenderer::render_chat(&tok, &turns).unwrap();
-        let mut conv: Vec<Message> = turns
-            .iter()
-            .map(|t| Message {
-                role: match t.role {
-                    Role::System => nanochat_tokenizer::Role::System,
-                    Role::User => nanochat_tokenizer::Role::User,
-                    Role::Assistant => nanochat_tokenizer::Role::Assistant,
-                },
-                content: Content::Text(t.content.clone()),
-            })
-            .collect();
+        let mut conv: Vec<Message> = turns.iter().map(to_message).collect();
         conv.push(Message {
             role: nanochat_tokenizer::Role::Assistant,
             content: Content::Text("x".into()),

@@ -223,13 +223,7 @@ impl DecodeBackend for FakeDecoder {
         }
         self.model.prefills.fetch_add(1, Ordering::Relaxed);
         (0..n)
-            .map(|i| {
-                let s = Sampling {
-                    seed: sampling.seed.map(|s| s.wrapping_add(i as u64)),
-                    ..sampling.clone()
-                };
-                self.add_seq(&prompt, &s)
-            })
+            .map(|i| self.add_seq(&prompt, &sampling.nth_sample(i)))
             .collect()
     }
 

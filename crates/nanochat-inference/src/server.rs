@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 
 use crate::backend::{Finish, Sampling, ServedModel};
 use crate::cache::{cache_key, CacheStats, CachedChoice, CachedResponse, ResponseCache};
-use crate::config::ServerConfig;
+use crate::config::{Limits, SamplingDefaults, ServerConfig};
 use crate::error::{ApiError, InferenceError, Result};
 use crate::openai::{
     self, AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
@@ -259,33 +259,49 @@ fn parse_body<T: serde::de::DeserializeOwned>(
     })
 }
 
+/// A validator of one endpoint's request body.
+type Validate<T> =
+    fn(&T, &Limits, &SamplingDefaults) -> std::result::Result<ValidRequest, ApiError>;
+
 async fn chat_completions(
-    req: HttpRequest,
     body: std::result::Result<Bytes, actix_web::Error>,
     state: web::Data<AppState>,
 ) -> HttpResponse {
-    let _ = req;
-    state.counters.requests.fetch_add(1, Ordering::Relaxed);
-    state.counters.chat.fetch_add(1, Ordering::Relaxed);
-    let result = async {
-        let parsed: ChatCompletionRequest = parse_body(body, state.cfg.max_body_bytes)?;
-        let valid = openai::validate_chat(&parsed, &state.cfg.limits, &state.cfg.defaults)?;
-        generate(state.clone().into_inner(), valid, Endpoint::Chat).await
-    }
-    .await;
-    respond(&state, result)
+    serve_generation::<ChatCompletionRequest>(body, state, Endpoint::Chat, openai::validate_chat)
+        .await
 }
 
 async fn completions(
     body: std::result::Result<Bytes, actix_web::Error>,
     state: web::Data<AppState>,
 ) -> HttpResponse {
-    state.counters.requests.fetch_add(1, Ordering::Relaxed);
-    state.counters.completions.fetch_add(1, Ordering::Relaxed);
+    serve_generation::<CompletionRequest>(
+        body,
+        state,
+        Endpoint::Completion,
+        openai::validate_completion,
+    )
+    .await
+}
+
+/// Count, parse, validate, generate, and answer (errors in OpenAI's shape).
+async fn serve_generation<T: serde::de::DeserializeOwned>(
+    body: std::result::Result<Bytes, actix_web::Error>,
+    state: web::Data<AppState>,
+    endpoint: Endpoint,
+    validate: Validate<T>,
+) -> HttpResponse {
+    let c = &state.counters;
+    c.requests.fetch_add(1, Ordering::Relaxed);
+    match endpoint {
+        Endpoint::Chat => &c.chat,
+        Endpoint::Completion => &c.completions,
+    }
+    .fetch_add(1, Ordering::Relaxed);
     let result = async {
-        let parsed: CompletionRequest = parse_body(body, state.cfg.max_body_bytes)?;
-        let valid = openai::validate_completion(&parsed, &state.cfg.limits, &state.cfg.defaults)?;
-        generate(state.clone().into_inner(), valid, Endpoint::Completion).await
+        let parsed: T = parse_body(body, state.cfg.max_body_bytes)?;
+        let valid = validate(&parsed, &state.cfg.limits, &state.cfg.defaults)?;
+        generate(state.clone().into_inner(), valid, endpoint).await
     }
     .await;
     respond(&state, result)
@@ -704,6 +720,39 @@ impl Renderer {
         })
     }
 
+    /// One stream event carrying a piece of one choice: `delta` for chat, its text for a
+    /// completion.
+    fn choice_chunk(
+        &self,
+        g: &CachedResponse,
+        index: usize,
+        delta: Delta,
+        finish_reason: Option<String>,
+    ) -> Bytes {
+        match self.endpoint {
+            Endpoint::Chat => self.chat_chunk(
+                g,
+                vec![ChunkChoice {
+                    index,
+                    delta,
+                    logprobs: None,
+                    finish_reason,
+                }],
+                None,
+            ),
+            Endpoint::Completion => self.text_chunk(
+                g,
+                vec![TextChoice {
+                    index,
+                    text: delta.content.unwrap_or_default(),
+                    logprobs: None,
+                    finish_reason,
+                }],
+                None,
+            ),
+        }
+    }
+
     /// Chat streams open each choice with a role delta.
     fn opening(&self, g: &CachedResponse, index: usize, out: &mut Vec<Bytes>) {
         if self.endpoint == Endpoint::Chat {
@@ -711,74 +760,21 @@ impl Renderer {
                 role: Some("assistant".into()),
                 content: Some(String::new()),
             };
-            out.push(self.chat_chunk(
-                g,
-                vec![ChunkChoice {
-                    index,
-                    delta,
-                    logprobs: None,
-                    finish_reason: None,
-                }],
-                None,
-            ));
+            out.push(self.choice_chunk(g, index, delta, None));
         }
     }
 
     fn delta(&self, g: &CachedResponse, index: usize, text: &str, out: &mut Vec<Bytes>) {
-        out.push(match self.endpoint {
-            Endpoint::Chat => {
-                let delta = Delta {
-                    role: None,
-                    content: Some(text.to_string()),
-                };
-                self.chat_chunk(
-                    g,
-                    vec![ChunkChoice {
-                        index,
-                        delta,
-                        logprobs: None,
-                        finish_reason: None,
-                    }],
-                    None,
-                )
-            }
-            Endpoint::Completion => self.text_chunk(
-                g,
-                vec![TextChoice {
-                    index,
-                    text: text.to_string(),
-                    logprobs: None,
-                    finish_reason: None,
-                }],
-                None,
-            ),
-        });
+        let delta = Delta {
+            role: None,
+            content: Some(text.to_string()),
+        };
+        out.push(self.choice_chunk(g, index, delta, None));
     }
 
     fn closing(&self, g: &CachedResponse, index: usize, finish: Finish, out: &mut Vec<Bytes>) {
         let reason = Some(finish.as_openai().to_string());
-        out.push(match self.endpoint {
-            Endpoint::Chat => self.chat_chunk(
-                g,
-                vec![ChunkChoice {
-                    index,
-                    delta: Delta::default(),
-                    logprobs: None,
-                    finish_reason: reason,
-                }],
-                None,
-            ),
-            Endpoint::Completion => self.text_chunk(
-                g,
-                vec![TextChoice {
-                    index,
-                    text: String::new(),
-                    logprobs: None,
-                    finish_reason: reason,
-                }],
-                None,
-            ),
-        });
+        out.push(self.choice_chunk(g, index, Delta::default(), reason));
     }
 
     fn trailer(&self, g: &CachedResponse, include_usage: bool, out: &mut Vec<Bytes>) {
@@ -823,15 +819,21 @@ impl MessageBody for ChannelBody {
     }
 }
 
+impl AppState {
+    fn model_card(&self) -> ModelCard {
+        ModelCard {
+            id: self.model_name.clone(),
+            object: "model".into(),
+            created: self.created,
+            owned_by: "nanochat-rs".into(),
+        }
+    }
+}
+
 async fn list_models(state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::Ok().json(ModelList {
         object: "list".into(),
-        data: vec![ModelCard {
-            id: state.model_name.clone(),
-            object: "model".into(),
-            created: state.created,
-            owned_by: "nanochat-rs".into(),
-        }],
+        data: vec![state.model_card()],
     })
 }
 
@@ -843,12 +845,7 @@ async fn get_model(path: web::Path<String>, state: web::Data<AppState>) -> HttpR
             Err(ApiError::model_not_found(&name, &state.model_name)),
         );
     }
-    HttpResponse::Ok().json(ModelCard {
-        id: state.model_name.clone(),
-        object: "model".into(),
-        created: state.created,
-        owned_by: "nanochat-rs".into(),
-    })
+    HttpResponse::Ok().json(state.model_card())
 }
 
 async fn health(state: web::Data<AppState>) -> HttpResponse {
@@ -926,44 +923,25 @@ async fn wrong_method(req: HttpRequest, state: web::Data<AppState>) -> HttpRespo
 /// Register every route on an actix `ServiceConfig` (used by [`Server`] and usable in tests).
 pub fn configure(cfg: &mut web::ServiceConfig, state: web::Data<AppState>) {
     let limit = state.cfg.max_body_bytes;
+    // Each resource answers other methods with a 405 in OpenAI's error shape.
+    let resource = |path: &str, route: actix_web::Route| {
+        web::resource(path)
+            .route(route)
+            .default_service(web::to(wrong_method))
+    };
     cfg.app_data(state)
         .app_data(web::PayloadConfig::new(limit))
-        .service(
-            web::resource("/v1/chat/completions")
-                .route(web::post().to(chat_completions))
-                .default_service(web::to(wrong_method)),
-        )
-        .service(
-            web::resource("/v1/completions")
-                .route(web::post().to(completions))
-                .default_service(web::to(wrong_method)),
-        )
-        .service(
-            web::resource("/v1/models")
-                .route(web::get().to(list_models))
-                .default_service(web::to(wrong_method)),
-        )
-        .service(
-            web::resource("/v1/models/{name}")
-                .route(web::get().to(get_model))
-                .default_service(web::to(wrong_method)),
-        )
-        .service(
-            web::resource("/health")
-                .route(web::get().to(health))
-                .default_service(web::to(wrong_method)),
-        )
-        .service(
-            web::resource("/stats")
-                .route(web::get().to(stats))
-                .default_service(web::to(wrong_method)),
-        )
+        .service(resource(
+            "/v1/chat/completions",
+            web::post().to(chat_completions),
+        ))
+        .service(resource("/v1/completions", web::post().to(completions)))
+        .service(resource("/v1/models", web::get().to(list_models)))
+        .service(resource("/v1/models/{name}", web::get().to(get_model)))
+        .service(resource("/health", web::get().to(health)))
+        .service(resource("/stats", web::get().to(stats)))
         .service(web::resource("/admin/cache/clear").route(web::post().to(clear_cache)))
-        .service(
-            web::resource("/")
-                .route(web::get().to(ui))
-                .default_service(web::to(wrong_method)),
-        );
+        .service(resource("/", web::get().to(ui)));
 }
 
 /// A running server.
