@@ -4,6 +4,7 @@ use rayon::prelude::*;
 
 use crate::config::GptConfig;
 use crate::error::{alloc_f32, ModelError, Result};
+use crate::kernels::bf16::{gemm_bf16_prepacked, Op, PackedB};
 use crate::kernels::{has_avx2, matmul_nn, matmul_tn_acc, transpose, MatmulPrecision};
 use crate::ops::{
     attention_bwd, attention_fwd, rmsnorm_bwd, rmsnorm_bwd_inplace, rmsnorm_fwd, rmsnorm_inplace,
@@ -209,6 +210,12 @@ pub struct Gpt {
     pub(crate) rope: Rope,
     acts: Option<Box<Activations>>,
     precision: MatmulPrecision,
+    /// With bf16 matmuls: every linear weight packed once for the bf16 kernel, in its `[in,
+    /// out]` form (forward `x·Wᵀ`) and its `[out, in]` form (backward `dY·W`). Weights change
+    /// only at optimizer steps, but a micro-batch multiplies each several times (the lm_head
+    /// once per row chunk, forward and backward), so packing per call would re-read and
+    /// re-convert them each time. Dropped whenever the weights change; costs 4 bytes/weight.
+    bf16_packs: Option<Vec<Option<(PackedB, PackedB)>>>,
 }
 
 impl std::fmt::Debug for Gpt {
@@ -288,6 +295,7 @@ impl Gpt {
             rope,
             acts: None,
             precision: MatmulPrecision::F32,
+            bf16_packs: None,
         })
     }
 
@@ -297,6 +305,30 @@ impl Gpt {
     /// checkpoint (weights stay f32 either way). KV-cached decoding always runs in f32.
     pub fn set_matmul_precision(&mut self, precision: MatmulPrecision) {
         self.precision = precision;
+        if precision != MatmulPrecision::Bf16 {
+            self.bf16_packs = None;
+        }
+    }
+
+    /// Builds [`Gpt::bf16_packs`] when bf16 matmuls are on and the packs are stale.
+    fn ensure_bf16_packs(&mut self) -> Result<()> {
+        if self.precision != MatmulPrecision::Bf16 || self.bf16_packs.is_some() {
+            return Ok(());
+        }
+        let mut packs = Vec::with_capacity(self.specs.len());
+        for (i, spec) in self.specs.iter().enumerate() {
+            if i == WTE {
+                packs.push(None);
+                continue;
+            }
+            let [out, inp] = spec.shape;
+            packs.push(Some((
+                PackedB::new(Op::N, inp, out, &self.wt[i])?,
+                PackedB::new(Op::N, out, inp, &self.data[i])?,
+            )));
+        }
+        self.bf16_packs = Some(packs);
+        Ok(())
     }
 
     /// See [`Gpt::set_matmul_precision`].
@@ -363,6 +395,7 @@ impl Gpt {
     }
 
     pub(crate) fn sync_transposed(&mut self) {
+        self.bf16_packs = None;
         for i in 0..self.specs.len() {
             if i == WTE {
                 continue;
@@ -477,6 +510,7 @@ impl Gpt {
     ) -> Result<f32> {
         self.check_batch(idx, Some(targets), b, t)?;
         self.ensure_grads()?;
+        self.ensure_bf16_packs()?;
         let n_valid = targets.iter().filter(|&&x| x >= 0).count();
         if n_valid == 0 {
             return Err(ModelError::InvalidInput(
@@ -514,6 +548,7 @@ impl Gpt {
                 "every target is -1 (ignored): the loss is undefined".into(),
             ));
         }
+        self.ensure_bf16_packs()?;
         let with_grad = self
             .acts
             .as_ref()
@@ -613,7 +648,47 @@ impl Drop for ParamsMut<'_> {
 /// `y = x·Wᵀ` (or `+=`) for parameter `i`, through its `[in, out]` copy.
 fn linear(model: &Gpt, i: usize, rows: usize, x: &[f32], y: &mut [f32], acc: bool) -> Result<()> {
     let [out, inp] = model.specs[i].shape;
-    matmul_nn(model.precision, rows, out, inp, x, &model.wt[i], y, acc)
+    let pack = model
+        .bf16_packs
+        .as_ref()
+        .and_then(|p| p[i].as_ref())
+        .map(|p| &p.0);
+    weight_mm(
+        model.precision,
+        pack,
+        rows,
+        out,
+        inp,
+        x,
+        &model.wt[i],
+        y,
+        acc,
+    )
+}
+
+/// `y (+)= x·w` (`x: [rows, k]`, `w: [k, n]`) where `w` is a weight, through its bf16 pack
+/// when there is one.
+#[allow(clippy::too_many_arguments)]
+fn weight_mm(
+    precision: MatmulPrecision,
+    pack: Option<&PackedB>,
+    rows: usize,
+    n: usize,
+    k: usize,
+    x: &[f32],
+    w: &[f32],
+    y: &mut [f32],
+    acc: bool,
+) -> Result<()> {
+    match (precision, pack) {
+        (MatmulPrecision::Bf16, Some(p)) => {
+            if !acc {
+                y.fill(0.0);
+            }
+            gemm_bf16_prepacked(Op::N, rows, x, p, y)
+        }
+        _ => matmul_nn(precision, rows, n, k, x, w, y, acc),
+    }
 }
 
 /// Embedding → norm → blocks → final norm, saving what the backward pass needs.
@@ -684,7 +759,19 @@ fn head(
         let rc = r1 - r0;
         let logits = &mut a.logits[..rc * vp];
         let xf = &a.xf[r0 * c..r1 * c];
-        matmul_nn(model.precision, rc, vp, c, xf, &model.wt[lm], logits, false)?;
+        let lm_pack = model.bf16_packs.as_ref().and_then(|p| p[lm].as_ref());
+        let wt_lm = &model.wt[lm];
+        weight_mm(
+            prec,
+            lm_pack.map(|p| &p.0),
+            rc,
+            vp,
+            c,
+            xf,
+            wt_lm,
+            logits,
+            false,
+        )?;
         let grad_scale = grad.as_ref().map(|g| g.0);
         let tg = |r: usize| {
             if targets.is_empty() {
@@ -728,7 +815,18 @@ fn head(
         }
         if let Some((_, dlm)) = grad.as_mut() {
             let dxn = &mut a.dxn[r0 * c..r1 * c];
-            matmul_nn(prec, rc, c, vp, logits, &model.data[lm], dxn, false)?;
+            let data_lm = &model.data[lm];
+            weight_mm(
+                prec,
+                lm_pack.map(|p| &p.1),
+                rc,
+                c,
+                vp,
+                logits,
+                data_lm,
+                dxn,
+                false,
+            )?;
             matmul_tn_acc(
                 prec,
                 vp,
@@ -757,11 +855,17 @@ fn trunk_backward(model: &mut Gpt, a: &mut Activations, idx: &[u32]) -> Result<(
     rmsnorm_bwd(&a.dxn, &a.xf, &a.rstdf, &mut a.dx, c, false);
     let (data, grads) = (&model.data, &mut model.grads);
     let p = model.precision;
+    let packs = model.bf16_packs.as_ref();
+    // dY·W for weight `i` (its `[out, in]` form).
+    let dmm = |i: usize, rows: usize, n: usize, k: usize, x: &[f32], y: &mut [f32], acc: bool| {
+        let pack = packs.and_then(|v| v[i].as_ref()).map(|pk| &pk.1);
+        weight_mm(p, pack, rows, n, k, x, &data[i], y, acc)
+    };
     for l in (0..cfg.n_layer).rev() {
         let la = &a.layers[l];
         // MLP: x += relu(xn2·Wfcᵀ)²·Wprojᵀ
         let (ip, ifc) = (layer_param(l, MLP_PROJ), layer_param(l, FC));
-        matmul_nn(p, n, f, c, &a.dx, &data[ip], &mut a.dh, false)?;
+        dmm(ip, n, f, c, &a.dx, &mut a.dh, false)?;
         matmul_tn_acc(p, c, f, n, &a.dx, &la.act, &mut grads[ip], &mut a.tscratch)?;
         a.dh.par_chunks_mut(f)
             .zip(la.hpre.par_chunks(f))
@@ -770,12 +874,12 @@ fn trunk_backward(model: &mut Gpt, a: &mut Activations, idx: &[u32]) -> Result<(
                     *g *= 2.0 * x.max(0.0);
                 }
             });
-        matmul_nn(p, n, c, f, &a.dh, &data[ifc], &mut a.dxn, false)?;
+        dmm(ifc, n, c, f, &a.dh, &mut a.dxn, false)?;
         matmul_tn_acc(p, f, c, n, &a.dh, &la.xn2, &mut grads[ifc], &mut a.tscratch)?;
         rmsnorm_bwd(&a.dxn, &la.xn2, &la.rstd2, &mut a.dx, c, true);
         // Attention: x += attn(q, k, v)·Wprojᵀ
         let ipr = layer_param(l, PROJ);
-        matmul_nn(p, n, c, c, &a.dx, &data[ipr], &mut a.dya, false)?;
+        dmm(ipr, n, c, c, &a.dx, &mut a.dya, false)?;
         matmul_tn_acc(
             p,
             c,
@@ -794,9 +898,9 @@ fn trunk_backward(model: &mut Gpt, a: &mut Activations, idx: &[u32]) -> Result<(
         model.rope.apply(&mut a.dq, h, &a.pos, true);
         model.rope.apply(&mut a.dk, hk, &a.pos, true);
         let (iq, ik, iv) = (layer_param(l, Q), layer_param(l, K), layer_param(l, V));
-        matmul_nn(p, n, c, c, &a.dq, &data[iq], &mut a.dxn, false)?;
-        matmul_nn(p, n, c, kd, &a.dk, &data[ik], &mut a.dxn, true)?;
-        matmul_nn(p, n, c, kd, &a.dv, &data[iv], &mut a.dxn, true)?;
+        dmm(iq, n, c, c, &a.dq, &mut a.dxn, false)?;
+        dmm(ik, n, c, kd, &a.dk, &mut a.dxn, true)?;
+        dmm(iv, n, c, kd, &a.dv, &mut a.dxn, true)?;
         matmul_tn_acc(p, c, c, n, &a.dq, &la.xn1, &mut grads[iq], &mut a.tscratch)?;
         matmul_tn_acc(p, kd, c, n, &a.dk, &la.xn1, &mut grads[ik], &mut a.tscratch)?;
         matmul_tn_acc(p, kd, c, n, &a.dv, &la.xn1, &mut grads[iv], &mut a.tscratch)?;

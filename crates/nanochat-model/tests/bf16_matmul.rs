@@ -81,3 +81,33 @@ fn precision_parses_from_config_strings() {
     let err = "fp16".parse::<MatmulPrecision>().unwrap_err().to_string();
     assert!(err.contains("bf16"), "{err}");
 }
+
+#[test]
+fn bf16_weight_packs_follow_weight_updates() {
+    let cfg = tiny(2, 2, 2, 64, 200);
+    let (b, t) = (2, 16);
+    let idx = tokens(b * t, 200, 3);
+    let tg: Vec<i32> = tokens(b * t, 200, 4).iter().map(|&x| x as i32).collect();
+    let mut m = random_model(cfg.clone(), 11);
+    m.set_matmul_precision(MatmulPrecision::Bf16);
+    let before = m.loss(&idx, &tg, b, t, Reduction::Mean).unwrap();
+    {
+        let mut pm = m.params_mut();
+        for p in pm.iter_mut() {
+            p.data.iter_mut().for_each(|x| *x *= 1.1);
+        }
+    }
+    let after = m.loss(&idx, &tg, b, t, Reduction::Mean).unwrap();
+    assert_ne!(before, after, "stale packed weights");
+    // A fresh model holding the same (scaled) weights agrees bit for bit.
+    let mut fresh = random_model(cfg, 11);
+    {
+        let mut pm = fresh.params_mut();
+        for p in pm.iter_mut() {
+            p.data.iter_mut().for_each(|x| *x *= 1.1);
+        }
+    }
+    fresh.set_matmul_precision(MatmulPrecision::Bf16);
+    let want = fresh.loss(&idx, &tg, b, t, Reduction::Mean).unwrap();
+    assert_eq!(after.to_bits(), want.to_bits());
+}

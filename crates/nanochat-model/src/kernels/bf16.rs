@@ -165,6 +165,102 @@ pub fn gemm_bf16_portable(
         .map_err(|e| ModelError::Kernel(format!("bf16 gemm (portable): {e}")))
 }
 
+/// A `B` operand converted and packed once, for GEMMs that reuse it (model weights between
+/// optimizer steps): [`gemm_bf16_prepacked`] then skips the packing pass, which for a weight
+/// multiplied by a few hundred rows (the lm_head, chunked over rows) costs as much memory
+/// traffic as the product itself. Holds `k·n` bf16 values (half the f32 size).
+#[derive(Debug, Clone)]
+pub struct PackedB {
+    k: usize,
+    n: usize,
+    repr: PackedRepr,
+}
+
+#[derive(Debug, Clone)]
+enum PackedRepr {
+    /// Pair panels for the AVX-512 kernel, starting at `off` (64-byte aligned).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    Panels { words: Vec<u32>, off: usize },
+    /// Rounded row-major `[k, n]` copy for the portable path.
+    Rounded(Vec<f32>),
+}
+
+impl PackedB {
+    /// Packs `b` (`[k, n]` for [`Op::N`], stored `[n, k]` for [`Op::T`]).
+    pub fn new(op_b: Op, k: usize, n: usize, b: &[f32]) -> Result<Self> {
+        if b.len() != k * n {
+            return Err(ModelError::Kernel(format!(
+                "bf16 pack {k}x{n}: operand length {} (want {})",
+                b.len(),
+                k * n
+            )));
+        }
+        #[cfg(target_arch = "x86_64")]
+        if has_avx512_bf16() {
+            let len = n.div_ceil(NR) * k.div_ceil(2) * NR;
+            let mut words = vec![0u32; len + 16];
+            let off = words.as_ptr().align_offset(64).min(16);
+            // SAFETY: AVX-512 BF16 present; `b` holds k·n values; the slice is sized for them.
+            unsafe { avx512::pack_b(op_b, k, n, b, &mut words[off..off + len]) };
+            return Ok(PackedB {
+                k,
+                n,
+                repr: PackedRepr::Panels { words, off },
+            });
+        }
+        Ok(PackedB {
+            k,
+            n,
+            repr: PackedRepr::Rounded(rounded_row_major(op_b == Op::T, k, n, b)),
+        })
+    }
+
+    /// `(k, n)` of the product this operand was packed for.
+    pub fn shape(&self) -> (usize, usize) {
+        (self.k, self.n)
+    }
+}
+
+/// `c += op(a)·B` with `B` packed by [`PackedB::new`]; same numerics as [`gemm_bf16`].
+pub fn gemm_bf16_prepacked(
+    op_a: Op,
+    m: usize,
+    a: &[f32],
+    b: &PackedB,
+    c: &mut [f32],
+) -> Result<()> {
+    let (k, n) = (b.k, b.n);
+    if a.len() != m * k || c.len() != m * n {
+        return Err(ModelError::Kernel(format!(
+            "bf16 gemm {m}x{n}x{k} (prepacked B): operand lengths {} {} (want {} {})",
+            a.len(),
+            c.len(),
+            m * k,
+            m * n
+        )));
+    }
+    if m == 0 || n == 0 || k == 0 {
+        return Ok(());
+    }
+    match &b.repr {
+        #[cfg(target_arch = "x86_64")]
+        PackedRepr::Panels { words, off } => {
+            let len = n.div_ceil(NR) * k.div_ceil(2) * NR;
+            let panels = &words[*off..*off + len];
+            // SAFETY: panels exist only when the CPU has AVX-512 BF16; lengths checked.
+            unsafe { avx512::gemm_with(op_a, m, n, k, a, avx512::BOperand::Packed(panels), c) };
+            Ok(())
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        PackedRepr::Panels { .. } => unreachable!("panels are only built on x86_64"),
+        PackedRepr::Rounded(br) => {
+            let ar = rounded_row_major(op_a == Op::T, m, k, a);
+            trueno::blis::gemm(m, n, k, &ar, br, c)
+                .map_err(|e| ModelError::Kernel(format!("bf16 gemm (portable): {e}")))
+        }
+    }
+}
+
 /// `rows × cols` row-major copy of `x` (stored transposed when `transposed`), rounded to bf16.
 fn rounded_row_major(transposed: bool, rows: usize, cols: usize, x: &[f32]) -> Vec<f32> {
     if transposed {
@@ -479,30 +575,69 @@ mod avx512 {
         b: &[f32],
         c: &mut [f32],
     ) {
+        gemm_with(op_a, m, n, k, a, BOperand::Raw(op_b, b), c)
+    }
+
+    /// `B` as given (packed inside the call) or already packed by [`pack_b`].
+    pub(super) enum BOperand<'a> {
+        Raw(Op, &'a [f32]),
+        Packed(&'a [u32]),
+    }
+
+    /// Packs a whole `B` operand (`[k, n]` for `N`, `[n, k]` for `T`) into `out`
+    /// (`n.div_ceil(NR)` panels of `k.div_ceil(2)·NR` words).
+    pub(super) unsafe fn pack_b(op_b: Op, k: usize, n: usize, b: &[f32], out: &mut [u32]) {
+        let ldb = if op_b == Op::N { n } else { k };
+        let parallel = k * n >= 1 << 16 && rayon::current_num_threads() > 1;
+        pack(op_b == Op::N, b, ldb, k, n, NR, out, parallel)
+    }
+
+    pub(super) unsafe fn gemm_with(
+        op_a: Op,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &[f32],
+        b: BOperand<'_>,
+        c: &mut [f32],
+    ) {
         let kp = k.div_ceil(2);
         let (pa, pb) = (m.div_ceil(MR), n.div_ceil(NR));
         // Below ~4 MFLOP the fork/join costs more than it saves.
         let parallel = m * n * k >= 1 << 21 && rayon::current_num_threads() > 1;
         let mut apack = PackBuf::take(pa * kp * MR);
-        let mut bpack = PackBuf::take(pb * kp * NR);
+        let mut bpack = match b {
+            BOperand::Raw(..) => Some(PackBuf::take(pb * kp * NR)),
+            BOperand::Packed(_) => None,
+        };
         {
             // A is [m, k] (k along columns) for N, [k, m] (k along rows) for T; B the reverse.
-            let (ad, bd) = (apack.slice_mut(), bpack.slice_mut());
-            let (lda, ldb) = (
-                if op_a == Op::T { m } else { k },
-                if op_b == Op::N { n } else { k },
-            );
+            let ad = apack.slice_mut();
+            let lda = if op_a == Op::T { m } else { k };
             // SAFETY (both closures): features checked by the caller, lengths checked.
             let mut pack_a = move || unsafe { pack(op_a == Op::T, a, lda, k, m, MR, ad, parallel) };
-            let mut pack_b = move || unsafe { pack(op_b == Op::N, b, ldb, k, n, NR, bd, parallel) };
-            if parallel {
-                rayon::join(pack_a, pack_b);
-            } else {
-                pack_a();
-                pack_b();
+            match (&b, bpack.as_mut()) {
+                (BOperand::Raw(op_b, b), Some(bp)) => {
+                    let (op_b, b, bd) = (*op_b, *b, bp.slice_mut());
+                    let ldb = if op_b == Op::N { n } else { k };
+                    let mut pack_b =
+                        move || unsafe { pack(op_b == Op::N, b, ldb, k, n, NR, bd, parallel) };
+                    if parallel {
+                        rayon::join(pack_a, pack_b);
+                    } else {
+                        pack_a();
+                        pack_b();
+                    }
+                }
+                _ => pack_a(),
             }
         }
-        let (ad, bd) = (apack.slice(), bpack.slice());
+        let ad = apack.slice();
+        let bd = match (&b, bpack.as_ref()) {
+            (BOperand::Packed(d), _) => *d,
+            (_, Some(bp)) => bp.slice(),
+            _ => unreachable!("a raw B operand always has a pack buffer"),
+        };
         let (tm, tn) = (m.div_ceil(MC), n.div_ceil(NCB));
         let out = OutPtr(c.as_mut_ptr());
         let task = |t: usize| {
@@ -672,6 +807,28 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn prepacked_b_gives_identical_results() {
+        for &(m, n, k) in &[(1, 1, 1), (15, 33, 3), (60, 270, 513), (300, 64, 40)] {
+            for op_a in [Op::N, Op::T] {
+                for op_b in [Op::N, Op::T] {
+                    let a = data(m * k, 6);
+                    let b = data(k * n, 7);
+                    let mut direct = data(m * n, 8);
+                    let mut packed = direct.clone();
+                    gemm_bf16(op_a, op_b, m, n, k, &a, &b, &mut direct).unwrap();
+                    let pb = PackedB::new(op_b, k, n, &b).unwrap();
+                    assert_eq!(pb.shape(), (k, n));
+                    gemm_bf16_prepacked(op_a, m, &a, &pb, &mut packed).unwrap();
+                    assert_eq!(direct, packed, "{op_a:?}{op_b:?} {m}x{n}x{k}");
+                }
+            }
+        }
+        let pb = PackedB::new(Op::N, 3, 4, &[0.0; 12]).unwrap();
+        assert!(gemm_bf16_prepacked(Op::N, 2, &[0.0; 5], &pb, &mut [0.0; 8]).is_err());
+        assert!(PackedB::new(Op::N, 3, 4, &[0.0; 11]).is_err());
     }
 
     #[test]
