@@ -10,19 +10,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 STEPS=${STEPS:-60}
 THREADS=${THREADS:-2}
-TARGET=${CARGO_TARGET_DIR:-target}
+# shellcheck source=scripts/tiny-tokenizer.sh
+source scripts/tiny-tokenizer.sh
 cargo build --release -q -p nanochat-model --example bench
-cargo build --release -q -p nanochat-tokenizer-stage -p nanochat-pretrain
-BIN=$TARGET/release
-WORK=${KEEP:-$(mktemp -d)}
-mkdir -p "$WORK"
-[ -n "${KEEP:-}" ] || trap 'rm -rf "$WORK"' EXIT
-CORPUS=data/sample/corpus
-if [ ! -f "$WORK/tok/tokenizer.tiktoken" ]; then
-  rm -rf "$WORK/tok" && mkdir -p "$WORK/tok"
-  "$BIN/nanochat-tokenizer" --config configs/tiny/tokenizer.toml --input "corpus=$CORPUS" \
-    --out "$WORK/tok" --work "$WORK/tok-work" 2>"$WORK/tokenizer.log"
-fi
 MODEL=$(RAYON_NUM_THREADS=$THREADS NANOCHAT_BENCH_TRAIN_ONLY=1 "$BIN/examples/bench" 2 128 8 2057 "$((2 * STEPS))" |
   sed -n 's/^train_tokens_per_s \([0-9.]*\).*/\1/p')
 sed -e "s/^num_iterations = .*/num_iterations = $STEPS/" -e "s/^threads = .*/threads = $THREADS/" \

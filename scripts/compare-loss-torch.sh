@@ -16,19 +16,8 @@ THREADS=${THREADS:-2}
 export NANOCHAT_SRC=${NANOCHAT_SRC:-/work/ref/nanochat}
 # Newton-Schulz runs eagerly (same bfloat16 math as the compiled kernel, no C++ toolchain needed).
 export TORCHDYNAMO_DISABLE=1
-TARGET=${CARGO_TARGET_DIR:-target}
-cargo build --release -q -p nanochat-tokenizer-stage -p nanochat-pretrain
-BIN=$TARGET/release
-WORK=${KEEP:-$(mktemp -d)}
-mkdir -p "$WORK"
-[ -n "${KEEP:-}" ] || trap 'rm -rf "$WORK"' EXIT
-
-CORPUS=data/sample/corpus
-if [ ! -f "$WORK/tok/tokenizer.tiktoken" ] && [ ! -f "$WORK/tok/tokenizer/tokenizer.tiktoken" ]; then
-  rm -rf "$WORK/tok" && mkdir -p "$WORK/tok"
-  "$BIN/nanochat-tokenizer" --config configs/tiny/tokenizer.toml --input "corpus=$CORPUS" \
-    --out "$WORK/tok" --work "$WORK/tok-work" 2>"$WORK/tokenizer.log"
-fi
+# shellcheck source=scripts/tiny-tokenizer.sh
+source scripts/tiny-tokenizer.sh
 sed -e "s/^num_iterations = .*/num_iterations = $STEPS/" -e "s/^threads = .*/threads = $THREADS/" \
   configs/tiny/pretrain.toml >"$WORK/pretrain.toml"
 rm -rf "$WORK/pretrain" "$WORK/pretrain-work" "$WORK/dump" && mkdir -p "$WORK/pretrain"

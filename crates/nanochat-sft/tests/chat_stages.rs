@@ -156,68 +156,21 @@ fn run_in(
         .unwrap()
 }
 
-#[test]
-fn sft_killed_mid_run_resumes_to_identical_weights() {
+/// Runs `binary` uninterrupted, then again aborting right after step 3 (checkpoints every 2
+/// steps, so step 2's is the newest), then once more in the crashed run's work dir; checks that
+/// the rerun resumed from step 2 and published byte-identical weights and a metrics file whose
+/// training steps run 1..=steps once each.
+fn crash_at_step_3_then_resume_is_bit_identical(binary: &str, cfg: &str, steps: u64) {
     let d = tempfile::tempdir().unwrap();
     setup(d.path());
-    let cfg = format!(
-        "threads = 1\nmax_tokens = 256\n[train]\ndevice_batch_size = 2\ntotal_batch_size = 4\nnum_iterations = 4\nsave_every = 2\neval_batches = 1\n{TASKS}"
-    );
-    let full = run_in(d.path(), "nanochat-sft", &cfg, "full", "full-work", &[]);
+    let full = run_in(d.path(), binary, cfg, "full", "full-work", &[]);
     assert!(
         full.status.success(),
         "{}",
         String::from_utf8_lossy(&full.stderr)
     );
-    let crashed = run_in(
-        d.path(),
-        "nanochat-sft",
-        &cfg,
-        "crashed",
-        "work",
-        &[("NANOCHAT_TEST_ABORT_AT_STEP", "3")],
-    );
-    assert!(!crashed.status.success(), "the abort hook did not fire");
-    let resumed = run_in(d.path(), "nanochat-sft", &cfg, "resumed", "work", &[]);
-    let err = String::from_utf8_lossy(&resumed.stderr);
-    assert!(resumed.status.success(), "{err}");
-    assert!(err.contains("resuming from checkpoint"), "{err}");
-    let w = |o: &str| std::fs::read(d.path().join(o).join("model/model.safetensors")).unwrap();
-    assert!(
-        w("full") == w("resumed"),
-        "resumed weights differ from the uninterrupted run"
-    );
-}
-
-#[test]
-fn midtrain_killed_mid_run_resumes_to_identical_weights() {
-    let d = tempfile::tempdir().unwrap();
-    setup(d.path());
-    let cfg = format!(
-        "threads = 1\n[train]\ndevice_batch_size = 2\ntotal_batch_size = 256\nnum_iterations = 5\nsave_every = 2\neval_batches = 1\n{TASKS}"
-    );
-    let full = run_in(
-        d.path(),
-        "nanochat-midtrain",
-        &cfg,
-        "full",
-        "full-work",
-        &[],
-    );
-    assert!(
-        full.status.success(),
-        "{}",
-        String::from_utf8_lossy(&full.stderr)
-    );
-    // Dies (abort, no cleanup) right after step 3: the checkpoint of step 2 is the newest.
-    let crashed = run_in(
-        d.path(),
-        "nanochat-midtrain",
-        &cfg,
-        "crashed",
-        "work",
-        &[("NANOCHAT_TEST_ABORT_AT_STEP", "3")],
-    );
+    let abort = [("NANOCHAT_TEST_ABORT_AT_STEP", "3")];
+    let crashed = run_in(d.path(), binary, cfg, "crashed", "work", &abort);
     assert!(!crashed.status.success(), "the abort hook did not fire");
     assert!(d
         .path()
@@ -227,7 +180,7 @@ fn midtrain_killed_mid_run_resumes_to_identical_weights() {
         !d.path().join("crashed/model").exists(),
         "nothing published by a crashed run"
     );
-    let resumed = run_in(d.path(), "nanochat-midtrain", &cfg, "resumed", "work", &[]);
+    let resumed = run_in(d.path(), binary, cfg, "resumed", "work", &[]);
     let err = String::from_utf8_lossy(&resumed.stderr);
     assert!(resumed.status.success(), "{err}");
     assert!(
@@ -239,13 +192,28 @@ fn midtrain_killed_mid_run_resumes_to_identical_weights() {
         w("full") == w("resumed"),
         "resumed weights differ from the uninterrupted run"
     );
-    // The resumed run's metrics continue the crashed run's, without repeated steps.
     let metrics = std::fs::read_to_string(d.path().join("resumed/metrics.jsonl")).unwrap();
-    let steps: Vec<u64> = metrics
+    let logged: Vec<u64> = metrics
         .lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
         .filter(|v| v.get("loss").is_some())
         .map(|v| v["step"].as_u64().unwrap())
         .collect();
-    assert_eq!(steps, vec![1, 2, 3, 4, 5]);
+    assert_eq!(logged, (1..=steps).collect::<Vec<_>>());
+}
+
+#[test]
+fn sft_killed_mid_run_resumes_to_identical_weights() {
+    let cfg = format!(
+        "threads = 1\nmax_tokens = 256\n[train]\ndevice_batch_size = 2\ntotal_batch_size = 4\nnum_iterations = 4\nsave_every = 2\neval_batches = 1\n{TASKS}"
+    );
+    crash_at_step_3_then_resume_is_bit_identical("nanochat-sft", &cfg, 4);
+}
+
+#[test]
+fn midtrain_killed_mid_run_resumes_to_identical_weights() {
+    let cfg = format!(
+        "threads = 1\n[train]\ndevice_batch_size = 2\ntotal_batch_size = 256\nnum_iterations = 5\nsave_every = 2\neval_batches = 1\n{TASKS}"
+    );
+    crash_at_step_3_then_resume_is_bit_identical("nanochat-midtrain", &cfg, 5);
 }
