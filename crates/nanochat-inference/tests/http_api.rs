@@ -592,10 +592,16 @@ async fn disconnect_of_a_non_streaming_client_frees_its_slot_and_queue_entry() {
     let queued = send_only(s.addr, "POST", CHAT, long.as_bytes()).await;
     wait_for_scheduler(&s, "second request queued", |st| st.queue_depth == 1).await;
 
-    drop(decoding);
+    // The queued client leaves first: its entry goes while the slot is still busy (dropping
+    // both at once would race the worker admitting it into the freed slot).
     drop(queued);
-    wait_for_scheduler(&s, "slot and queue freed", |st| {
-        st.workers[0].active == 0 && st.queue_depth == 0 && st.cancelled == 2
+    wait_for_scheduler(&s, "queue entry dropped", |st| {
+        st.queue_depth == 0 && st.cancelled == 1 && st.workers[0].active == 1
+    })
+    .await;
+    drop(decoding);
+    wait_for_scheduler(&s, "slot freed", |st| {
+        st.workers[0].active == 0 && st.cancelled == 2
     })
     .await;
     // The single slot serves the next client straight away.
