@@ -274,23 +274,43 @@ unsafe fn attn_fwd_task(
 ) -> Result<()> {
     let (b, g) = (task / s.hk, task % s.hk);
     let (t, d) = (s.t, s.d);
+    with_task_scratch(5 * t * d + t * t, |buf| {
+        let (heads, sc) = buf.split_at_mut(5 * t * d);
+        let [kh, kt, vh, qh, yh] = carve(heads, t * d);
+        attn_fwd_heads(s, b, g, (q, k, v), (kh, kt, vh, qh, yh, sc), y, lse)
+    })
+}
+
+/// Body of [`attn_fwd_task`] over caller-provided scratch (every slice is overwritten).
+#[allow(clippy::type_complexity)]
+unsafe fn attn_fwd_heads(
+    s: AttnShape,
+    b: usize,
+    g: usize,
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    (kh, kt, vh, qh, yh, sc): (
+        &mut [f32],
+        &mut [f32],
+        &mut [f32],
+        &mut [f32],
+        &mut [f32],
+        &mut [f32],
+    ),
+    y: SharedMut,
+    lse: SharedMut,
+) -> Result<()> {
+    let (t, d) = (s.t, s.d);
     let rep = s.h / s.hk;
     let scale = 1.0 / (d as f32).sqrt();
-    let mut kh = vec![0f32; t * d];
-    let mut kt = vec![0f32; t * d];
-    let mut vh = vec![0f32; t * d];
-    let mut qh = vec![0f32; t * d];
-    let mut yh = vec![0f32; t * d];
-    let mut sc = vec![0f32; t * t];
-    gather_head(k, s, s.hk, b, g, &mut kh);
-    transpose(t, d, &kh, &mut kt);
-    gather_head(v, s, s.hk, b, g, &mut vh);
+    gather_head(k, s, s.hk, b, g, kh);
+    transpose(t, d, kh, kt);
+    gather_head(v, s, s.hk, b, g, vh);
     for h in g * rep..(g + 1) * rep {
-        gather_head(q, s, s.h, b, h, &mut qh);
-        gemm_set(t, t, d, &qh, &kt, &mut sc)?;
+        gather_head(q, s, s.h, b, h, qh);
+        gemm_set(t, t, d, qh, kt, sc)?;
         let lrow = lse.slice((b * s.h + h) * t, t);
-        causal_softmax_rows(&mut sc, t, scale, Some(lrow), None);
-        gemm_set(t, d, t, &sc, &vh, &mut yh)?;
+        causal_softmax_rows(sc, t, scale, Some(lrow), None);
+        gemm_set(t, d, t, sc, vh, yh)?;
         for (tt, row) in yh.chunks_exact(d).enumerate() {
             y.slice(((b * t + tt) * s.h + h) * d, d)
                 .copy_from_slice(row);
@@ -347,48 +367,83 @@ unsafe fn attn_bwd_task(
     let (t, d) = (s.t, s.d);
     let rep = s.h / s.hk;
     let scale = 1.0 / (d as f32).sqrt();
-    let buf = |n: usize| vec![0f32; n];
-    let (mut kh, mut kt, mut vh, mut vt) = (buf(t * d), buf(t * d), buf(t * d), buf(t * d));
-    let (mut qh, mut dyh, mut yh, mut dqh) = (buf(t * d), buf(t * d), buf(t * d), buf(t * d));
-    let (mut dkg, mut dvg) = (buf(t * d), buf(t * d));
-    let (mut p, mut dp, mut tt) = (buf(t * t), buf(t * t), buf(t * t));
-    gather_head(k, s, s.hk, b, g, &mut kh);
-    transpose(t, d, &kh, &mut kt);
-    gather_head(v, s, s.hk, b, g, &mut vh);
-    transpose(t, d, &vh, &mut vt);
-    for h in g * rep..(g + 1) * rep {
-        gather_head(q, s, s.h, b, h, &mut qh);
-        gather_head(dy, s, s.h, b, h, &mut dyh);
-        gather_head(y, s, s.h, b, h, &mut yh);
-        let lrow = &lse[(b * s.h + h) * t..(b * s.h + h + 1) * t];
-        gemm_set(t, t, d, &qh, &kt, &mut p)?;
-        causal_softmax_rows(&mut p, t, scale, None, Some(lrow));
-        gemm_set(t, t, d, &dyh, &vt, &mut dp)?;
-        // dS (scaled) into dp; masked entries have p = 0 so they vanish.
-        for (i, (dpr, pr)) in dp.chunks_exact_mut(t).zip(p.chunks_exact(t)).enumerate() {
-            let delta = dot(&dyh[i * d..(i + 1) * d], &yh[i * d..(i + 1) * d]);
-            for (x, &pp) in dpr.iter_mut().zip(pr) {
-                *x = pp * (*x - delta) * scale;
+    with_task_scratch(10 * t * d + 3 * t * t, |buf| {
+        let (heads, squares) = buf.split_at_mut(10 * t * d);
+        let [kh, kt, vh, vt, qh, dyh, yh, dqh, dkg, dvg] = carve(heads, t * d);
+        let [p, dp, tt] = carve(squares, t * t);
+        // The scratch is reused: the two accumulators must start at zero.
+        dkg.fill(0.0);
+        dvg.fill(0.0);
+        gather_head(k, s, s.hk, b, g, kh);
+        transpose(t, d, kh, kt);
+        gather_head(v, s, s.hk, b, g, vh);
+        transpose(t, d, vh, vt);
+        for h in g * rep..(g + 1) * rep {
+            gather_head(q, s, s.h, b, h, qh);
+            gather_head(dy, s, s.h, b, h, dyh);
+            gather_head(y, s, s.h, b, h, yh);
+            let lrow = &lse[(b * s.h + h) * t..(b * s.h + h + 1) * t];
+            gemm_set(t, t, d, qh, kt, p)?;
+            causal_softmax_rows(p, t, scale, None, Some(lrow));
+            gemm_set(t, t, d, dyh, vt, dp)?;
+            // dS (scaled) into dp; masked entries have p = 0 so they vanish.
+            for (i, (dpr, pr)) in dp.chunks_exact_mut(t).zip(p.chunks_exact(t)).enumerate() {
+                let delta = dot(&dyh[i * d..(i + 1) * d], &yh[i * d..(i + 1) * d]);
+                for (x, &pp) in dpr.iter_mut().zip(pr) {
+                    *x = pp * (*x - delta) * scale;
+                }
             }
+            gemm_set(t, d, t, dp, kh, dqh)?;
+            for (ti, row) in dqh.chunks_exact(d).enumerate() {
+                dqp.slice(((b * t + ti) * s.h + h) * d, d)
+                    .copy_from_slice(row);
+            }
+            transpose(t, t, dp, tt);
+            gemm_acc(t, d, t, tt, qh, dkg)?;
+            transpose(t, t, p, tt);
+            gemm_acc(t, d, t, tt, dyh, dvg)?;
         }
-        gemm_set(t, d, t, &dp, &kh, &mut dqh)?;
-        for (ti, row) in dqh.chunks_exact(d).enumerate() {
-            dqp.slice(((b * t + ti) * s.h + h) * d, d)
-                .copy_from_slice(row);
+        for ti in 0..t {
+            let off = ((b * t + ti) * s.hk + g) * d;
+            dkp.slice(off, d)
+                .copy_from_slice(&dkg[ti * d..(ti + 1) * d]);
+            dvp.slice(off, d)
+                .copy_from_slice(&dvg[ti * d..(ti + 1) * d]);
         }
-        transpose(t, t, &dp, &mut tt);
-        gemm_acc(t, d, t, &tt, &qh, &mut dkg)?;
-        transpose(t, t, &p, &mut tt);
-        gemm_acc(t, d, t, &tt, &dyh, &mut dvg)?;
+        Ok(())
+    })
+}
+
+thread_local! {
+    static TASK_SCRATCH: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Runs `f` on this thread's attention scratch of `len` floats (contents unspecified). The
+/// per-task buffers are megabytes (three T×T matrices in the backward pass); allocating them
+/// fresh per task meant new zeroed pages, i.e. page faults, for every (batch, head, layer).
+/// A nested call on the same thread (rayon work stealing inside a GEMM) finds the slot empty
+/// and allocates its own.
+fn with_task_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    let mut buf = TASK_SCRATCH.with(|c| c.take());
+    if buf.len() < len {
+        buf.resize(len, 0.0);
     }
-    for ti in 0..t {
-        let off = ((b * t + ti) * s.hk + g) * d;
-        dkp.slice(off, d)
-            .copy_from_slice(&dkg[ti * d..(ti + 1) * d]);
-        dvp.slice(off, d)
-            .copy_from_slice(&dvg[ti * d..(ti + 1) * d]);
-    }
-    Ok(())
+    let out = f(&mut buf[..len]);
+    TASK_SCRATCH.with(|c| {
+        let held = c.take();
+        c.set(if held.len() > buf.len() { held } else { buf });
+    });
+    out
+}
+
+/// Splits `buf` into `N` consecutive slices of `len`.
+fn carve<const N: usize>(buf: &mut [f32], len: usize) -> [&mut [f32]; N] {
+    let mut rest = buf;
+    std::array::from_fn(|_| {
+        let (head, tail) = std::mem::take(&mut rest).split_at_mut(len);
+        rest = tail;
+        head
+    })
 }
 
 /// Attention of new tokens against a KV cache. Token `i` (cache row `rows[i]`, position
