@@ -606,6 +606,11 @@ async fn relay_stream(
                 }
                 if all_done {
                     render.trailer(&generation, include_usage, &mut out);
+                    // Fill the cache before the last bytes leave: a client that reads `[DONE]`
+                    // and at once repeats the request must get the hit.
+                    if let Some(key) = pending.key {
+                        state.cache.put(key, generation.clone());
+                    }
                 }
                 for chunk in out.drain(..) {
                     if tx.send(chunk).await.is_err() {
@@ -613,9 +618,6 @@ async fn relay_stream(
                     }
                 }
                 if all_done {
-                    if let Some(key) = pending.key {
-                        state.cache.put(key, generation);
-                    }
                     return;
                 }
             }
