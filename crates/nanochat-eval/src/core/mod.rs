@@ -505,19 +505,22 @@ fn score_group(
 }
 
 /// Picks, per task, the faster of the two scoring paths (padded forward or cached tails): the
-/// first group is scored padded, the second through [`LogProbModel::tail_logits`], and the
-/// rest by whichever took less time per row token. Which one wins depends on the model and the
-/// task (prefix length vs. number of options vs. vocabulary size), and both give the same
-/// decisions (`cached_tails_match_the_padded_forward`), so measuring is simplest.
+/// first [`PathChooser::TRIALS`] groups of each path alternate (padded first), then the rest go
+/// to the path with the lower best time per row token (the minimum, because other load on
+/// the machine only ever adds time). Which path wins depends on the model and the task
+/// (prefix length vs. number of options vs. vocabulary size), and both give the same decisions
+/// (`cached_tails_match_the_padded_forward`), so measuring is simplest.
 #[derive(Debug, Default)]
 struct PathChooser {
     forced: Option<bool>,
-    padded: Option<f64>,
-    tails: Option<f64>,
+    padded: Vec<f64>,
+    tails: Vec<f64>,
     tails_unsupported: bool,
 }
 
 impl PathChooser {
+    const TRIALS: usize = 2;
+
     fn try_tails(&self) -> bool {
         if self.tails_unsupported {
             return false;
@@ -525,23 +528,24 @@ impl PathChooser {
         if let Some(f) = self.forced {
             return f;
         }
-        match (self.padded, self.tails) {
-            (None, _) => false,
-            (Some(_), None) => true,
-            (Some(p), Some(t)) => t < p,
+        if self.padded.len() < Self::TRIALS || self.tails.len() < Self::TRIALS {
+            return self.tails.len() < self.padded.len();
         }
+        let best = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
+        best(&self.tails) < best(&self.padded)
     }
 
     fn record(&mut self, tried_tails: bool, used_tails: bool, secs_per_token: f64) {
         if tried_tails && !used_tails {
             self.tails_unsupported = true;
         }
-        let slot = if used_tails {
+        let v = if used_tails {
             &mut self.tails
         } else {
             &mut self.padded
         };
-        // keep the first measurement of each path: later groups then cannot flip-flop
-        slot.get_or_insert(secs_per_token);
+        if v.len() < Self::TRIALS {
+            v.push(secs_per_token);
+        }
     }
 }
