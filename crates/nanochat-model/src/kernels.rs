@@ -100,6 +100,44 @@ pub fn gemm_acc(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32
     if k == 0 {
         return Ok(());
     }
+    // trueno's vector micro-kernels cover whole tiles of ROW_TILE rows; a ragged last tile
+    // runs a scalar edge kernel over all `n` columns, which at decode sizes (a dozen rows
+    // against the lm_head's 65k columns) costs more than the whole vector part. So the ragged
+    // rows go through as one zero-padded tile: at most ROW_TILE − 1 rows of wasted FLOPs.
+    let tail = m % ROW_TILE;
+    let main = m - tail;
+    if main > 0 {
+        trueno_gemm(main, n, k, &a[..main * k], b, &mut c[..main * n])?;
+    }
+    if tail > 0 {
+        PADDED_TILE.with(|cell| -> Result<()> {
+            let mut bufs = cell.borrow_mut();
+            let (pa, pc) = &mut *bufs;
+            pa.clear();
+            pa.extend_from_slice(&a[main * k..]);
+            pa.resize(ROW_TILE * k, 0.0);
+            pc.clear();
+            pc.extend_from_slice(&c[main * n..]);
+            pc.resize(ROW_TILE * n, 0.0);
+            trueno_gemm(ROW_TILE, n, k, pa, b, pc)?;
+            c[main * n..].copy_from_slice(&pc[..tail * n]);
+            Ok(())
+        })?;
+    }
+    Ok(())
+}
+
+/// Rows per tile that every trueno vector path handles without a scalar edge (its AVX-512
+/// small-matrix kernel wants multiples of 16, the large one multiples of 8).
+const ROW_TILE: usize = 16;
+
+thread_local! {
+    /// Padded `A` and `C` for the ragged last row tile, reused across calls.
+    static PADDED_TILE: std::cell::RefCell<(Vec<f32>, Vec<f32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+fn trueno_gemm(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32]) -> Result<()> {
     trueno::blis::gemm(m, n, k, a, b, c).map_err(|e| ModelError::Kernel(format!("gemm: {e}")))
 }
 
@@ -365,6 +403,27 @@ mod tests {
         assert!(fast_exp(1000.0).is_finite());
         assert_eq!(fast_tanh(0.0), 0.0);
         assert!((fast_tanh(100.0) - 1.0).abs() < 1e-7);
+    }
+
+    #[test]
+    fn gemm_acc_with_a_ragged_row_tile_accumulates_every_row() {
+        // Rows below, at and across ROW_TILE multiples: the padded tail must add into the
+        // existing C exactly like the vector part does, and leave no row untouched.
+        for m in [1, 9, 15, 16, 17, 33, 47] {
+            let (n, k) = (37, 29);
+            let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.31).sin()).collect();
+            let b: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.17).cos()).collect();
+            let c0: Vec<f32> = (0..m * n).map(|i| (i % 7) as f32 - 3.0).collect();
+            let mut c = c0.clone();
+            gemm_acc(m, n, k, &a, &b, &mut c).unwrap();
+            for i in 0..m {
+                for j in 0..n {
+                    let r: f32 = (0..k).map(|p| a[i * k + p] * b[p * n + j]).sum();
+                    let want = c0[i * n + j] + r;
+                    assert!((c[i * n + j] - want).abs() < 1e-4, "m={m} [{i},{j}]");
+                }
+            }
+        }
     }
 
     #[test]

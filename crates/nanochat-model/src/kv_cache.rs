@@ -112,9 +112,11 @@ impl KvCache {
     }
 }
 
-/// Up to this many new tokens, projections stream the `[out, in]` weights once (GEMV-like);
-/// beyond, they run as GEMMs.
-const FEW_ROWS: usize = 8;
+/// Up to this many new tokens, projections stream the `[out, in]` weights once (GEMV-like,
+/// parallel over output blocks); beyond, they run as GEMMs. Measured at depth 8 / vocab 65,536
+/// (`bench_engine`, 2 threads): the streaming path still wins at 12 rows, and a GEMM below
+/// one 16-row tile pays for a whole padded tile anyway.
+const FEW_ROWS: usize = 16;
 
 impl Gpt {
     fn linear_any(&self, i: usize, rows: usize, x: &[f32], y: &mut [f32], acc: bool) -> Result<()> {
