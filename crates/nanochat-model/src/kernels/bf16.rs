@@ -161,8 +161,9 @@ pub fn gemm_bf16_portable(
     }
     let ar = rounded_row_major(op_a == Op::T, m, k, a);
     let br = rounded_row_major(op_b == Op::T, k, n, b);
-    trueno::blis::gemm(m, n, k, &ar, &br, c)
-        .map_err(|e| ModelError::Kernel(format!("bf16 gemm (portable): {e}")))
+    // Through the f32 kernel interface, not trueno directly: it keeps ragged row tiles off
+    // trueno's scalar edge kernel.
+    super::gemm_acc(m, n, k, &ar, &br, c)
 }
 
 /// A `B` operand converted and packed once, for GEMMs that reuse it (model weights between
