@@ -12,8 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use clap::Parser;
-use nanochat_artifacts::stage::{self, StageArgs, StageContext};
+use nanochat_artifacts::stage::{self, StageContext};
 use nanochat_tokenizer::{
     corpus, eval, train_nanochat, Error as TokError, OpenAiEncoding, Tokenizer, TrainOptions,
 };
@@ -170,25 +169,20 @@ fn find_vocab(dir: &Path, stem: &str) -> Option<PathBuf> {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
-    match run() {
-        Ok(()) => {}
-        Err(e) => {
-            eprintln!("nanochat-tokenizer: error: {e:#}");
-            std::process::exit(stage::interrupt_exit_code().unwrap_or(1));
-        }
-    }
+    stage::run_main("nanochat-tokenizer", |ctx| {
+        run(ctx)
+            .map(|()| 0)
+            .or_else(|e| match stage::interrupt_exit_code() {
+                Some(code) => {
+                    eprintln!("nanochat-tokenizer: error: {e:#}");
+                    Ok(code)
+                }
+                None => Err(e),
+            })
+    })
 }
 
-fn run() -> Result<()> {
-    stage::install_signal_handlers()?;
-    let ctx = StageContext::new(StageArgs::parse())?;
+fn run(ctx: &StageContext) -> Result<()> {
     let cfg: Config = ctx.config()?;
     // The data stage's artifact keeps its shards under `corpus/`; a bare directory of shards
     // works too.

@@ -10,8 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use clap::Parser;
-use nanochat_artifacts::stage::{self, StageArgs, StageContext};
+use nanochat_artifacts::stage::{self, StageContext};
 use nanochat_eval::adapters::EngineGenerator;
 use nanochat_eval::stage::{
     run_eval_resumable, summary_markdown, EvalConfig, EvalInputs, EvalMode, ModelInfo,
@@ -117,29 +116,17 @@ fn make_generator(
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
-    match run() {
-        Ok(()) => {}
-        Err(e) => {
-            if stage::interrupted() {
-                eprintln!("nanochat-eval: interrupted");
-                std::process::exit(stage::interrupt_exit_code().unwrap_or(130));
-            }
-            eprintln!("nanochat-eval: error: {e:#}");
-            std::process::exit(1);
+    stage::run_main("nanochat-eval", |ctx| match run(ctx) {
+        Ok(()) => Ok(0),
+        Err(_) if stage::interrupted() => {
+            eprintln!("nanochat-eval: interrupted");
+            Ok(stage::interrupt_exit_code().unwrap_or(130))
         }
-    }
+        Err(e) => Err(e),
+    })
 }
 
-fn run() -> anyhow::Result<()> {
-    stage::install_signal_handlers().context("installing signal handlers")?;
-    let ctx = StageContext::new(StageArgs::parse())?;
+fn run(ctx: &StageContext) -> anyhow::Result<()> {
     let cfg: EvalConfig = ctx.config()?;
     let model_root = ctx.input("model")?;
     let ckpt_dir = find_dir_with(model_root, nanochat_model::checkpoint::WEIGHTS_FILE)
