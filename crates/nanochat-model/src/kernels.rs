@@ -56,12 +56,20 @@ pub fn matmul_nn(
     match (precision, accumulate) {
         (MatmulPrecision::F32, true) => gemm_acc(m, n, k, a, b, c),
         (MatmulPrecision::F32, false) => gemm_set(m, n, k, a, b, c),
-        (MatmulPrecision::Bf16, acc) => {
-            if !acc {
-                c.fill(0.0);
-            }
-            bf16::gemm_bf16(bf16::Op::N, bf16::Op::N, m, n, k, a, b, c)
-        }
+        (MatmulPrecision::Bf16, accumulate) => bf16::gemm_bf16_with(
+            bf16::Op::N,
+            bf16::Op::N,
+            m,
+            n,
+            k,
+            a,
+            b,
+            c,
+            bf16::GemmOpts {
+                accumulate,
+                parallel: true,
+            },
+        ),
     }
 }
 

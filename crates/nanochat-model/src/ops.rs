@@ -6,9 +6,10 @@
 use rayon::prelude::*;
 
 use crate::error::Result;
+use crate::kernels::bf16::{gemm_bf16_with, GemmOpts, Op};
 use crate::kernels::{
     axpy_generic, dot, dot_generic, fast_exp, gemm_acc, gemm_set, has_avx2, max_lanes, sum_lanes,
-    transpose,
+    transpose, MatmulPrecision,
 };
 
 /// `F.rms_norm`'s default epsilon for float32 inputs.
@@ -142,6 +143,29 @@ pub(crate) struct AttnShape {
     pub(crate) h: usize,
     pub(crate) hk: usize,
     pub(crate) d: usize,
+    /// Arithmetic of the score and output GEMMs (`Q·Kᵀ`, `P·V` and their gradients); the
+    /// softmax and its log-sum-exp stay f32 either way, as in a bf16 flash attention.
+    pub(crate) precision: MatmulPrecision,
+}
+
+/// One GEMM of a single attention task in bf16: `c (+)= op(a)·op(b)`, serial (the task is
+/// already one of a parallel loop over heads), transposes folded into the packing.
+#[allow(clippy::too_many_arguments)]
+fn head_gemm_bf16(
+    (op_a, op_b): (Op, Op),
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    b: &[f32],
+    c: &mut [f32],
+    accumulate: bool,
+) -> Result<()> {
+    let opts = GemmOpts {
+        accumulate,
+        parallel: false,
+    };
+    gemm_bf16_with(op_a, op_b, m, n, k, a, b, c, opts)
 }
 
 /// One query against `n_keys` keys/values (rows `j*stride` of `k`, `v`): writes the attention
@@ -302,15 +326,26 @@ unsafe fn attn_fwd_heads(
     let (t, d) = (s.t, s.d);
     let rep = s.h / s.hk;
     let scale = 1.0 / (d as f32).sqrt();
+    let bf16 = s.precision == MatmulPrecision::Bf16;
     gather_head(k, s, s.hk, b, g, kh);
-    transpose(t, d, kh, kt);
+    if !bf16 {
+        transpose(t, d, kh, kt);
+    }
     gather_head(v, s, s.hk, b, g, vh);
     for h in g * rep..(g + 1) * rep {
         gather_head(q, s, s.h, b, h, qh);
-        gemm_set(t, t, d, qh, kt, sc)?;
+        if bf16 {
+            head_gemm_bf16((Op::N, Op::T), t, t, d, qh, kh, sc, false)?;
+        } else {
+            gemm_set(t, t, d, qh, kt, sc)?;
+        }
         let lrow = lse.slice((b * s.h + h) * t, t);
         causal_softmax_rows(sc, t, scale, Some(lrow), None);
-        gemm_set(t, d, t, sc, vh, yh)?;
+        if bf16 {
+            head_gemm_bf16((Op::N, Op::N), t, d, t, sc, vh, yh, false)?;
+        } else {
+            gemm_set(t, d, t, sc, vh, yh)?;
+        }
         for (tt, row) in yh.chunks_exact(d).enumerate() {
             y.slice(((b * t + tt) * s.h + h) * d, d)
                 .copy_from_slice(row);
@@ -371,21 +406,32 @@ unsafe fn attn_bwd_task(
         let (heads, squares) = buf.split_at_mut(10 * t * d);
         let [kh, kt, vh, vt, qh, dyh, yh, dqh, dkg, dvg] = carve(heads, t * d);
         let [p, dp, tt] = carve(squares, t * t);
+        let bf16 = s.precision == MatmulPrecision::Bf16;
         // The scratch is reused: the two accumulators must start at zero.
         dkg.fill(0.0);
         dvg.fill(0.0);
         gather_head(k, s, s.hk, b, g, kh);
-        transpose(t, d, kh, kt);
         gather_head(v, s, s.hk, b, g, vh);
-        transpose(t, d, vh, vt);
+        if !bf16 {
+            transpose(t, d, kh, kt);
+            transpose(t, d, vh, vt);
+        }
         for h in g * rep..(g + 1) * rep {
             gather_head(q, s, s.h, b, h, qh);
             gather_head(dy, s, s.h, b, h, dyh);
             gather_head(y, s, s.h, b, h, yh);
             let lrow = &lse[(b * s.h + h) * t..(b * s.h + h + 1) * t];
-            gemm_set(t, t, d, qh, kt, p)?;
+            if bf16 {
+                head_gemm_bf16((Op::N, Op::T), t, t, d, qh, kh, p, false)?;
+            } else {
+                gemm_set(t, t, d, qh, kt, p)?;
+            }
             causal_softmax_rows(p, t, scale, None, Some(lrow));
-            gemm_set(t, t, d, dyh, vt, dp)?;
+            if bf16 {
+                head_gemm_bf16((Op::N, Op::T), t, t, d, dyh, vh, dp, false)?;
+            } else {
+                gemm_set(t, t, d, dyh, vt, dp)?;
+            }
             // dS (scaled) into dp; masked entries have p = 0 so they vanish.
             for (i, (dpr, pr)) in dp.chunks_exact_mut(t).zip(p.chunks_exact(t)).enumerate() {
                 let delta = dot(&dyh[i * d..(i + 1) * d], &yh[i * d..(i + 1) * d]);
@@ -393,15 +439,24 @@ unsafe fn attn_bwd_task(
                     *x = pp * (*x - delta) * scale;
                 }
             }
-            gemm_set(t, d, t, dp, kh, dqh)?;
+            if bf16 {
+                head_gemm_bf16((Op::N, Op::N), t, d, t, dp, kh, dqh, false)?;
+            } else {
+                gemm_set(t, d, t, dp, kh, dqh)?;
+            }
             for (ti, row) in dqh.chunks_exact(d).enumerate() {
                 dqp.slice(((b * t + ti) * s.h + h) * d, d)
                     .copy_from_slice(row);
             }
-            transpose(t, t, dp, tt);
-            gemm_acc(t, d, t, tt, qh, dkg)?;
-            transpose(t, t, p, tt);
-            gemm_acc(t, d, t, tt, dyh, dvg)?;
+            if bf16 {
+                head_gemm_bf16((Op::T, Op::N), t, d, t, dp, qh, dkg, true)?;
+                head_gemm_bf16((Op::T, Op::N), t, d, t, p, dyh, dvg, true)?;
+            } else {
+                transpose(t, t, dp, tt);
+                gemm_acc(t, d, t, tt, qh, dkg)?;
+                transpose(t, t, p, tt);
+                gemm_acc(t, d, t, tt, dyh, dvg)?;
+            }
         }
         for ti in 0..t {
             let off = ((b * t + ti) * s.hk + g) * d;
@@ -423,7 +478,7 @@ thread_local! {
 /// fresh per task meant new zeroed pages, i.e. page faults, for every (batch, head, layer).
 /// A nested call on the same thread (rayon work stealing inside a GEMM) finds the slot empty
 /// and allocates its own.
-fn with_task_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+pub(crate) fn with_task_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     let mut buf = TASK_SCRATCH.with(|c| c.take());
     if buf.len() < len {
         buf.resize(len, 0.0);

@@ -43,7 +43,7 @@ pub const MR: usize = 14;
 /// Columns of `C` per micro-kernel tile (two zmm registers of f32).
 pub const NR: usize = 32;
 /// `k` pairs per block (256 values of `k`): B micro-panel of 16 KiB, half of Zen 4's L1D.
-pub const KC_PAIRS: usize = 128;
+pub const KC_PAIRS: usize = 256;
 /// Rows of `C` per parallel task (4 micro-tiles).
 pub const MC: usize = 4 * MR;
 /// Columns of `C` per parallel task (8 micro-tiles).
@@ -115,6 +115,27 @@ fn check_lengths((m, n, k): (usize, usize, usize), a: &[f32], b: &[f32], c: &[f3
     Ok(())
 }
 
+/// How a GEMM treats `C` and the thread pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GemmOpts {
+    /// `C += A·B` when true; `C = A·B` when false (the kernel then never reads `C`, which saves
+    /// the zero-fill pass and the cold loads of `C` that a `+=` on fresh output would cost).
+    pub accumulate: bool,
+    /// Split the work over rayon's pool when it is large enough. Off for callers that are
+    /// already one task of a parallel loop (attention heads), where nesting only adds
+    /// fork/join overhead.
+    pub parallel: bool,
+}
+
+impl Default for GemmOpts {
+    fn default() -> Self {
+        GemmOpts {
+            accumulate: true,
+            parallel: true,
+        }
+    }
+}
+
 /// `c += op(a)·op(b)` in bf16 with f32 accumulation; `c` is `[m, n]` row-major. Uses the
 /// AVX-512 BF16 kernel when the CPU has it, else [`gemm_bf16_portable`].
 #[allow(clippy::too_many_arguments)]
@@ -128,15 +149,40 @@ pub fn gemm_bf16(
     b: &[f32],
     c: &mut [f32],
 ) -> Result<()> {
+    gemm_bf16_with(op_a, op_b, m, n, k, a, b, c, GemmOpts::default())
+}
+
+/// [`gemm_bf16`] with explicit [`GemmOpts`] (overwrite instead of accumulate, serial).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_bf16_with(
+    op_a: Op,
+    op_b: Op,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    b: &[f32],
+    c: &mut [f32],
+    opts: GemmOpts,
+) -> Result<()> {
     check_lengths((m, n, k), a, b, c)?;
-    if m == 0 || n == 0 || k == 0 {
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        if !opts.accumulate {
+            c.fill(0.0);
+        }
         return Ok(());
     }
     #[cfg(target_arch = "x86_64")]
     if has_avx512_bf16() {
         // SAFETY: the CPU supports AVX-512 F/BW/BF16 (checked above); lengths checked.
-        unsafe { avx512::gemm(op_a, op_b, m, n, k, a, b, c) };
+        unsafe { avx512::gemm_with(op_a, m, n, k, a, avx512::BOperand::Raw(op_b, b), c, opts) };
         return Ok(());
+    }
+    if !opts.accumulate {
+        c.fill(0.0);
     }
     gemm_bf16_portable(op_a, op_b, m, n, k, a, b, c)
 }
@@ -230,6 +276,18 @@ pub fn gemm_bf16_prepacked(
     b: &PackedB,
     c: &mut [f32],
 ) -> Result<()> {
+    gemm_bf16_prepacked_with(op_a, m, a, b, c, GemmOpts::default())
+}
+
+/// [`gemm_bf16_prepacked`] with explicit [`GemmOpts`].
+pub fn gemm_bf16_prepacked_with(
+    op_a: Op,
+    m: usize,
+    a: &[f32],
+    b: &PackedB,
+    c: &mut [f32],
+    opts: GemmOpts,
+) -> Result<()> {
     let (k, n) = (b.k, b.n);
     if a.len() != m * k || c.len() != m * n {
         return Err(ModelError::Kernel(format!(
@@ -240,8 +298,16 @@ pub fn gemm_bf16_prepacked(
             m * n
         )));
     }
-    if m == 0 || n == 0 || k == 0 {
+    if m == 0 || n == 0 {
         return Ok(());
+    }
+    if k == 0 || !matches!(b.repr, PackedRepr::Panels { .. }) {
+        if !opts.accumulate {
+            c.fill(0.0);
+        }
+        if k == 0 {
+            return Ok(());
+        }
     }
     match &b.repr {
         #[cfg(target_arch = "x86_64")]
@@ -249,7 +315,9 @@ pub fn gemm_bf16_prepacked(
             let len = n.div_ceil(NR) * k.div_ceil(2) * NR;
             let panels = &words[*off..*off + len];
             // SAFETY: panels exist only when the CPU has AVX-512 BF16; lengths checked.
-            unsafe { avx512::gemm_with(op_a, m, n, k, a, avx512::BOperand::Packed(panels), c) };
+            unsafe {
+                avx512::gemm_with(op_a, m, n, k, a, avx512::BOperand::Packed(panels), c, opts)
+            };
             Ok(())
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -384,6 +452,18 @@ mod avx512 {
         }
     }
 
+    /// The packed-panel buffer shared between packing tasks that write disjoint pair ranges.
+    #[derive(Clone, Copy)]
+    struct OutPtr32(*mut u32);
+    // SAFETY: every task writes a distinct range of pairs (see `pack`).
+    unsafe impl Send for OutPtr32 {}
+    unsafe impl Sync for OutPtr32 {}
+    impl OutPtr32 {
+        fn get(&self) -> *mut u32 {
+            self.0
+        }
+    }
+
     #[inline(always)]
     fn lane_mask(count: usize) -> u16 {
         if count >= 16 {
@@ -393,9 +473,17 @@ mod avx512 {
         }
     }
 
-    /// Packs panel `panel` of an operand whose `k` index is the *row* of its storage (`B` as
-    /// `[k, n]`, or `A` stored `[k, m]`): element `(kk, j)` is `src[kk·ld + j]`. Two rows are
-    /// loaded, converted by one `VCVTNE2PS2BF16` and interleaved into pairs by one `VPERMW`.
+    /// Packs pairs `q_lo..q_hi` of *every* panel of an operand whose `k` index is the *row* of
+    /// its storage (`B` as `[k, n]`, or `A` stored `[k, m]`): element `(kk, j)` is
+    /// `src[kk·ld + j]`, and panel `p` starts at `out + p·per_panel`. Two rows are loaded,
+    /// converted by one `VCVTNE2PS2BF16` and interleaved into pairs by one `VPERMW`.
+    ///
+    /// The loop runs along the rows (all panels of one pair of rows, then the next pair), not
+    /// down one panel at a time: a panel is only 14 or 32 values wide, so walking one down the
+    /// rows touched a new page per row (a TLB miss each for rows of a few KB) and, for
+    /// 14-wide A panels, read every cache line twice. Along the rows the reads are sequential
+    /// and each panel receives a contiguous run of pairs.
+    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     unsafe fn pack_k_rows(
         src: &[f32],
@@ -403,38 +491,41 @@ mod avx512 {
         k: usize,
         lanes: usize,
         width: usize,
-        panel: usize,
-        out: &mut [u32],
+        (q_lo, q_hi): (usize, usize),
+        out: *mut u32,
+        per_panel: usize,
     ) {
-        let kp = k.div_ceil(2);
-        let j0 = panel * width;
-        let jn = lanes.saturating_sub(j0).min(width);
+        let panels = lanes.div_ceil(width);
         // Word i of the result takes bf16 i (row 2q) and bf16 16+i (row 2q+1).
         let idx = _mm512_set_epi16(
             31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20,
             4, 19, 3, 18, 2, 17, 1, 16, 0,
         );
         let p = src.as_ptr();
-        let o = out.as_mut_ptr();
-        for q in 0..kp {
+        for q in q_lo..q_hi {
             let (r0, r1) = (2 * q, 2 * q + 1);
-            for c0 in (0..width).step_by(16) {
-                let cnt = jn.saturating_sub(c0).min(16);
-                let lm = lane_mask(cnt);
-                let x0 = if cnt > 0 {
-                    _mm512_maskz_loadu_ps(lm, p.add(r0 * ld + j0 + c0))
-                } else {
-                    _mm512_setzero_ps()
-                };
-                let x1 = if cnt > 0 && r1 < k {
-                    _mm512_maskz_loadu_ps(lm, p.add(r1 * ld + j0 + c0))
-                } else {
-                    _mm512_setzero_ps()
-                };
-                let bh: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(x1, x0));
-                let pairs = _mm512_permutexvar_epi16(idx, bh);
-                let store_mask = lane_mask(width - c0);
-                _mm512_mask_storeu_epi32(o.add(q * width + c0) as *mut i32, store_mask, pairs);
+            for panel in 0..panels {
+                let j0 = panel * width;
+                let jn = (lanes - j0).min(width);
+                let o = out.add(panel * per_panel + q * width);
+                for c0 in (0..width).step_by(16) {
+                    let cnt = jn.saturating_sub(c0).min(16);
+                    let lm = lane_mask(cnt);
+                    let x0 = if cnt > 0 {
+                        _mm512_maskz_loadu_ps(lm, p.add(r0 * ld + j0 + c0))
+                    } else {
+                        _mm512_setzero_ps()
+                    };
+                    let x1 = if cnt > 0 && r1 < k {
+                        _mm512_maskz_loadu_ps(lm, p.add(r1 * ld + j0 + c0))
+                    } else {
+                        _mm512_setzero_ps()
+                    };
+                    let bh: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(x1, x0));
+                    let pairs = _mm512_permutexvar_epi16(idx, bh);
+                    let store_mask = lane_mask(width - c0);
+                    _mm512_mask_storeu_epi32(o.add(c0) as *mut i32, store_mask, pairs);
+                }
             }
         }
     }
@@ -492,15 +583,28 @@ mod avx512 {
         parallel: bool,
     ) {
         let per_panel = k.div_ceil(2) * width;
+        if k_is_row {
+            // Tasks own ranges of pairs (rows of the source), across all panels.
+            let kp = k.div_ceil(2);
+            let dst = OutPtr32(out.as_mut_ptr());
+            // SAFETY: the caller checked the CPU features and that `src` holds k × lanes values
+            // and `out` all panels; tasks write disjoint pair ranges of every panel.
+            let rows = |(q_lo, q_hi): (usize, usize)| unsafe {
+                pack_k_rows(src, ld, k, lanes, width, (q_lo, q_hi), dst.get(), per_panel)
+            };
+            const PAIRS_PER_TASK: usize = 16;
+            if parallel && kp > PAIRS_PER_TASK {
+                (0..kp.div_ceil(PAIRS_PER_TASK))
+                    .into_par_iter()
+                    .for_each(|t| rows((t * PAIRS_PER_TASK, ((t + 1) * PAIRS_PER_TASK).min(kp))));
+            } else {
+                rows((0, kp));
+            }
+            return;
+        }
         let one = |(panel, dst): (usize, &mut [u32])| {
             // SAFETY: the caller checked the CPU features and that `src` holds k × lanes values.
-            unsafe {
-                if k_is_row {
-                    pack_k_rows(src, ld, k, lanes, width, panel, dst)
-                } else {
-                    pack_k_cols(src, ld, k, lanes, width, panel, dst)
-                }
-            }
+            unsafe { pack_k_cols(src, ld, k, lanes, width, panel, dst) }
         };
         if parallel {
             out.par_chunks_mut(per_panel).enumerate().for_each(one);
@@ -511,6 +615,7 @@ mod avx512 {
 
     /// `C[0..mr, 0..nr] += A_panel · B_panel` over `kp` pairs; `c` has row stride `ldc`.
     /// `a`: `kp × MR` words, `b`: `kp × NR` words (both 64-byte aligned for `b`).
+    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     unsafe fn micro_kernel(
         kp: usize,
@@ -520,6 +625,7 @@ mod avx512 {
         ldc: usize,
         mr: usize,
         nr: usize,
+        load_c: bool,
     ) {
         let m0 = lane_mask(nr);
         let m1 = lane_mask(nr.saturating_sub(16));
@@ -527,10 +633,11 @@ mod avx512 {
         // the 28 accumulators live in registers (an array indexed in a loop might not).
         macro_rules! tile {
             ($($i:literal),*) => {{
-                // acc[i] = (C[i, 0..16], C[i, 16..32]), loaded so the kernel accumulates in place.
+                // acc[i] = (C[i, 0..16], C[i, 16..32]), loaded so the kernel accumulates in place
+                // (or zero when C is being overwritten and this is the first k block).
                 let mut acc: [(__m512, __m512); MR] = [(_mm512_setzero_ps(), _mm512_setzero_ps()); MR];
                 $(
-                    if $i < mr {
+                    if load_c && $i < mr {
                         let row = c.add($i * ldc);
                         acc[$i] = (
                             _mm512_maskz_loadu_ps(m0, row),
@@ -564,21 +671,6 @@ mod avx512 {
         tile!(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13);
     }
 
-    /// See [`super::gemm_bf16`]; the caller has checked features, lengths and non-empty sizes.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn gemm(
-        op_a: Op,
-        op_b: Op,
-        m: usize,
-        n: usize,
-        k: usize,
-        a: &[f32],
-        b: &[f32],
-        c: &mut [f32],
-    ) {
-        gemm_with(op_a, m, n, k, a, BOperand::Raw(op_b, b), c)
-    }
-
     /// `B` as given (packed inside the call) or already packed by [`pack_b`].
     pub(super) enum BOperand<'a> {
         Raw(Op, &'a [f32]),
@@ -593,6 +685,9 @@ mod avx512 {
         pack(op_b == Op::N, b, ldb, k, n, NR, out, parallel)
     }
 
+    /// See [`super::gemm_bf16_with`]; the caller has checked features, lengths and non-empty
+    /// sizes.
+    #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn gemm_with(
         op_a: Op,
         m: usize,
@@ -601,11 +696,12 @@ mod avx512 {
         a: &[f32],
         b: BOperand<'_>,
         c: &mut [f32],
+        opts: super::GemmOpts,
     ) {
         let kp = k.div_ceil(2);
         let (pa, pb) = (m.div_ceil(MR), n.div_ceil(NR));
         // Below ~4 MFLOP the fork/join costs more than it saves.
-        let parallel = m * n * k >= 1 << 21 && rayon::current_num_threads() > 1;
+        let parallel = opts.parallel && m * n * k >= 1 << 21 && rayon::current_num_threads() > 1;
         let mut apack = PackBuf::take(pa * kp * MR);
         let mut bpack = match b {
             BOperand::Raw(..) => Some(PackBuf::take(pb * kp * NR)),
@@ -641,18 +737,27 @@ mod avx512 {
         };
         let (tm, tn) = (m.div_ceil(MC), n.div_ceil(NCB));
         let out = OutPtr(c.as_mut_ptr());
+        // Consecutive tasks (what one thread runs in a row under rayon's range splitting) share
+        // a block of the *larger* operand, so it is fetched from memory about once per thread
+        // while the smaller one is re-read from cache: for the lm_head (256 rows against a 32 MB
+        // weight) that is the difference between streaming the weight once and once per row block.
+        let a_inner = m <= n;
         let task = |t: usize| {
-            let (ti, tj) = (t / tn, t % tn);
+            let (ti, tj) = if a_inner {
+                (t % tm, t / tm)
+            } else {
+                (t / tn, t % tn)
+            };
             let (p_lo, p_hi) = (ti * MC / MR, ((ti + 1) * MC / MR).min(pa));
             let (q_lo, q_hi) = (tj * NCB / NR, ((tj + 1) * NCB / NR).min(pb));
             for k0 in (0..kp).step_by(KC_PAIRS) {
                 let kc = (kp - k0).min(KC_PAIRS);
-                for jp in q_lo..q_hi {
-                    let j0 = jp * NR;
-                    let bptr = bd.as_ptr().add((jp * kp + k0) * NR);
-                    for ip in p_lo..p_hi {
-                        let i0 = ip * MR;
-                        let aptr = ad.as_ptr().add((ip * kp + k0) * MR);
+                for ip in p_lo..p_hi {
+                    let i0 = ip * MR;
+                    let aptr = ad.as_ptr().add((ip * kp + k0) * MR);
+                    for jp in q_lo..q_hi {
+                        let j0 = jp * NR;
+                        let bptr = bd.as_ptr().add((jp * kp + k0) * NR);
                         // SAFETY: tile (i0.., j0..) lies inside this task's block of C, which no
                         // other task touches; mr/nr clip it to the matrix.
                         micro_kernel(
@@ -663,6 +768,7 @@ mod avx512 {
                             n,
                             (m - i0).min(MR),
                             (n - j0).min(NR),
+                            opts.accumulate || k0 > 0,
                         );
                     }
                 }
@@ -830,6 +936,54 @@ mod tests {
         let pb = PackedB::new(Op::N, 3, 4, &[0.0; 12]).unwrap();
         assert!(gemm_bf16_prepacked(Op::N, 2, &[0.0; 5], &pb, &mut [0.0; 8]).is_err());
         assert!(PackedB::new(Op::N, 3, 4, &[0.0; 11]).is_err());
+    }
+
+    #[test]
+    fn overwrite_and_serial_modes_match_accumulating_into_zero() {
+        // Shapes with several k blocks (k > 2·KC_PAIRS) and ragged tiles; C starts as NaN so
+        // an overwrite that still read C would show.
+        for &(m, n, k) in &[(1, 1, 1), (15, 33, 3), (60, 270, 1030), (300, 64, 40)] {
+            for (op_a, op_b) in [(Op::N, Op::N), (Op::T, Op::N), (Op::N, Op::T)] {
+                let a = data(m * k, 9);
+                let b = data(k * n, 10);
+                let mut want = vec![0f32; m * n];
+                gemm_bf16(op_a, op_b, m, n, k, &a, &b, &mut want).unwrap();
+                for parallel in [true, false] {
+                    let opts = GemmOpts {
+                        accumulate: false,
+                        parallel,
+                    };
+                    let mut got = vec![f32::NAN; m * n];
+                    gemm_bf16_with(op_a, op_b, m, n, k, &a, &b, &mut got, opts).unwrap();
+                    assert_eq!(
+                        want, got,
+                        "{op_a:?}{op_b:?} {m}x{n}x{k} parallel {parallel}"
+                    );
+                    let pb = PackedB::new(op_b, k, n, &b).unwrap();
+                    let mut got = vec![f32::NAN; m * n];
+                    gemm_bf16_prepacked_with(op_a, m, &a, &pb, &mut got, opts).unwrap();
+                    assert_eq!(want, got, "prepacked {op_a:?}{op_b:?} {m}x{n}x{k}");
+                }
+                // Serial accumulation is bit-identical to the parallel one.
+                let mut serial = data(m * n, 11);
+                let mut par = serial.clone();
+                let opts = GemmOpts {
+                    accumulate: true,
+                    parallel: false,
+                };
+                gemm_bf16_with(op_a, op_b, m, n, k, &a, &b, &mut serial, opts).unwrap();
+                gemm_bf16(op_a, op_b, m, n, k, &a, &b, &mut par).unwrap();
+                assert_eq!(serial, par, "{op_a:?}{op_b:?} {m}x{n}x{k}");
+            }
+        }
+        // k = 0 overwrites with zeros, accumulating leaves C alone.
+        let mut c = vec![f32::NAN; 6];
+        let opts = GemmOpts {
+            accumulate: false,
+            parallel: true,
+        };
+        gemm_bf16_with(Op::N, Op::N, 2, 3, 0, &[], &[], &mut c, opts).unwrap();
+        assert_eq!(c, vec![0.0; 6]);
     }
 
     #[test]
