@@ -233,19 +233,21 @@ fn gather_head(x: &[f32], s: AttnShape, heads: usize, b: usize, head: usize, out
     }
 }
 
-/// Row-wise causal softmax of `scores` (`[T, T]`, raw `Q·Kᵀ`) in place with `scale`; returns
-/// nothing but fills `lse` when given, or uses it (backward: `p = exp(s·scale − lse)`).
+/// Row-wise causal softmax of `scores` (rows of `n_keys` raw `Q·Kᵀ` scores for the queries at
+/// positions `row0, row0 + 1, ...`; query `i` sees keys `0..=i`) in place with `scale`; fills
+/// `lse` (indexed by row) when given, or uses it (backward: `p = exp(s·scale − lse)`).
 fn causal_softmax_rows(
     scores: &mut [f32],
-    t: usize,
+    n_keys: usize,
+    row0: usize,
     scale: f32,
     lse_out: Option<&mut [f32]>,
     lse_in: Option<&[f32]>,
 ) {
     let run = |scores: &mut [f32], lse_out: Option<&mut [f32]>| {
         let mut lse_out = lse_out;
-        for (i, row) in scores.chunks_exact_mut(t).enumerate() {
-            let (live, masked) = row.split_at_mut(i + 1);
+        for (i, row) in scores.chunks_exact_mut(n_keys).enumerate() {
+            let (live, masked) = row.split_at_mut(row0 + i + 1);
             masked.fill(0.0);
             match lse_in {
                 Some(l) => {
@@ -326,32 +328,82 @@ unsafe fn attn_fwd_heads(
     let (t, d) = (s.t, s.d);
     let rep = s.h / s.hk;
     let scale = 1.0 / (d as f32).sqrt();
-    let bf16 = s.precision == MatmulPrecision::Bf16;
     gather_head(k, s, s.hk, b, g, kh);
-    if !bf16 {
-        transpose(t, d, kh, kt);
-    }
     gather_head(v, s, s.hk, b, g, vh);
+    if s.precision == MatmulPrecision::Bf16 {
+        // Causal blocks: query rows i0..i1 only need keys 0..i1, so the masked upper triangle
+        // is skipped block by block (5/8 of the square at 4 blocks) instead of computed and
+        // discarded.
+        let blk = causal_block_rows(t);
+        for h in g * rep..(g + 1) * rep {
+            gather_head(q, s, s.h, b, h, qh);
+            let lrow = lse.slice((b * s.h + h) * t, t);
+            for i0 in (0..t).step_by(blk) {
+                let i1 = (i0 + blk).min(t);
+                let (m, nk) = (i1 - i0, i1);
+                let sc = &mut sc[..m * nk];
+                let (qb, kb, vb) = (&qh[i0 * d..i1 * d], &kh[..nk * d], &vh[..nk * d]);
+                head_gemm_bf16((Op::N, Op::T), m, nk, d, qb, kb, sc, false)?;
+                causal_softmax_rows(sc, nk, i0, scale, Some(&mut lrow[i0..i1]), None);
+                head_gemm_bf16(
+                    (Op::N, Op::N),
+                    m,
+                    d,
+                    nk,
+                    sc,
+                    vb,
+                    &mut yh[i0 * d..i1 * d],
+                    false,
+                )?;
+            }
+            scatter_head(yh, s, b, h, y);
+        }
+        return Ok(());
+    }
+    transpose(t, d, kh, kt);
     for h in g * rep..(g + 1) * rep {
         gather_head(q, s, s.h, b, h, qh);
-        if bf16 {
-            head_gemm_bf16((Op::N, Op::T), t, t, d, qh, kh, sc, false)?;
-        } else {
-            gemm_set(t, t, d, qh, kt, sc)?;
-        }
+        gemm_set(t, t, d, qh, kt, sc)?;
         let lrow = lse.slice((b * s.h + h) * t, t);
-        causal_softmax_rows(sc, t, scale, Some(lrow), None);
-        if bf16 {
-            head_gemm_bf16((Op::N, Op::N), t, d, t, sc, vh, yh, false)?;
-        } else {
-            gemm_set(t, d, t, sc, vh, yh)?;
-        }
-        for (tt, row) in yh.chunks_exact(d).enumerate() {
-            y.slice(((b * t + tt) * s.h + h) * d, d)
-                .copy_from_slice(row);
-        }
+        causal_softmax_rows(sc, t, 0, scale, Some(lrow), None);
+        gemm_set(t, d, t, sc, vh, yh)?;
+        scatter_head(yh, s, b, h, y);
     }
     Ok(())
+}
+
+/// `dS = P∘(dP − rowdot(dY, Y))·scale` in place of `dp` (rows of `n_keys`; `dy`, `y`: the
+/// rows' `[rows, D]` output gradients and outputs). Masked entries have `p = 0` and vanish.
+fn softmax_grad_rows(dp: &mut [f32], p: &[f32], n_keys: usize, dy: &[f32], y: &[f32], scale: f32) {
+    let d = dy.len() / (dp.len() / n_keys).max(1);
+    for (i, (dpr, pr)) in dp
+        .chunks_exact_mut(n_keys)
+        .zip(p.chunks_exact(n_keys))
+        .enumerate()
+    {
+        let delta = dot(&dy[i * d..(i + 1) * d], &y[i * d..(i + 1) * d]);
+        for (x, &pp) in dpr.iter_mut().zip(pr) {
+            *x = pp * (*x - delta) * scale;
+        }
+    }
+}
+
+/// Rows of a causal block of the bf16 attention: about a quarter of the sequence (the GEMMs
+/// stay large enough for the micro-kernel), at least one micro-tile's worth.
+fn causal_block_rows(t: usize) -> usize {
+    t.div_ceil(4).max(32)
+}
+
+/// Writes `[T, D]` rows back into head `h` of rows `b*T..(b+1)*T` of a `[B, T, H, D]` tensor.
+///
+/// # Safety
+/// The caller owns those elements of `y` (one task per head).
+unsafe fn scatter_head(rows: &[f32], s: AttnShape, b: usize, h: usize, y: SharedMut) {
+    let (t, d) = (s.t, s.d);
+    for (tt, row) in rows.chunks_exact(d).enumerate().take(t) {
+        y.slice(((b * t + tt) * s.h + h) * d, d)
+            .copy_from_slice(row);
+    }
 }
 
 /// Backward of [`attention_fwd`]: writes `dq` and `dk`, `dv` (overwritten, not accumulated),
@@ -406,12 +458,12 @@ unsafe fn attn_bwd_task(
         let (heads, squares) = buf.split_at_mut(10 * t * d);
         let [kh, kt, vh, vt, qh, dyh, yh, dqh, dkg, dvg] = carve(heads, t * d);
         let [p, dp, tt] = carve(squares, t * t);
-        let bf16 = s.precision == MatmulPrecision::Bf16;
         // The scratch is reused: the two accumulators must start at zero.
         dkg.fill(0.0);
         dvg.fill(0.0);
         gather_head(k, s, s.hk, b, g, kh);
         gather_head(v, s, s.hk, b, g, vh);
+        let bf16 = s.precision == MatmulPrecision::Bf16;
         if !bf16 {
             transpose(t, d, kh, kt);
             transpose(t, d, vh, vt);
@@ -422,41 +474,36 @@ unsafe fn attn_bwd_task(
             gather_head(y, s, s.h, b, h, yh);
             let lrow = &lse[(b * s.h + h) * t..(b * s.h + h + 1) * t];
             if bf16 {
-                head_gemm_bf16((Op::N, Op::T), t, t, d, qh, kh, p, false)?;
+                // The forward pass's causal blocks: rows i0..i1 against keys 0..i1.
+                let blk = causal_block_rows(t);
+                for i0 in (0..t).step_by(blk) {
+                    let i1 = (i0 + blk).min(t);
+                    let (m, nk) = (i1 - i0, i1);
+                    let (p, dp) = (&mut p[..m * nk], &mut dp[..m * nk]);
+                    let (qb, dyb) = (&qh[i0 * d..i1 * d], &dyh[i0 * d..i1 * d]);
+                    let (kb, vb) = (&kh[..nk * d], &vh[..nk * d]);
+                    head_gemm_bf16((Op::N, Op::T), m, nk, d, qb, kb, p, false)?;
+                    causal_softmax_rows(p, nk, i0, scale, None, Some(&lrow[i0..i1]));
+                    head_gemm_bf16((Op::N, Op::T), m, nk, d, dyb, vb, dp, false)?;
+                    softmax_grad_rows(dp, p, nk, dyb, &yh[i0 * d..i1 * d], scale);
+                    let dqb = &mut dqh[i0 * d..i1 * d];
+                    head_gemm_bf16((Op::N, Op::N), m, d, nk, dp, kb, dqb, false)?;
+                    let (dkb, dvb) = (&mut dkg[..nk * d], &mut dvg[..nk * d]);
+                    head_gemm_bf16((Op::T, Op::N), nk, d, m, dp, qb, dkb, true)?;
+                    head_gemm_bf16((Op::T, Op::N), nk, d, m, p, dyb, dvb, true)?;
+                }
             } else {
                 gemm_set(t, t, d, qh, kt, p)?;
-            }
-            causal_softmax_rows(p, t, scale, None, Some(lrow));
-            if bf16 {
-                head_gemm_bf16((Op::N, Op::T), t, t, d, dyh, vh, dp, false)?;
-            } else {
+                causal_softmax_rows(p, t, 0, scale, None, Some(lrow));
                 gemm_set(t, t, d, dyh, vt, dp)?;
-            }
-            // dS (scaled) into dp; masked entries have p = 0 so they vanish.
-            for (i, (dpr, pr)) in dp.chunks_exact_mut(t).zip(p.chunks_exact(t)).enumerate() {
-                let delta = dot(&dyh[i * d..(i + 1) * d], &yh[i * d..(i + 1) * d]);
-                for (x, &pp) in dpr.iter_mut().zip(pr) {
-                    *x = pp * (*x - delta) * scale;
-                }
-            }
-            if bf16 {
-                head_gemm_bf16((Op::N, Op::N), t, d, t, dp, kh, dqh, false)?;
-            } else {
+                softmax_grad_rows(dp, p, t, dyh, yh, scale);
                 gemm_set(t, d, t, dp, kh, dqh)?;
-            }
-            for (ti, row) in dqh.chunks_exact(d).enumerate() {
-                dqp.slice(((b * t + ti) * s.h + h) * d, d)
-                    .copy_from_slice(row);
-            }
-            if bf16 {
-                head_gemm_bf16((Op::T, Op::N), t, d, t, dp, qh, dkg, true)?;
-                head_gemm_bf16((Op::T, Op::N), t, d, t, p, dyh, dvg, true)?;
-            } else {
                 transpose(t, t, dp, tt);
                 gemm_acc(t, d, t, tt, qh, dkg)?;
                 transpose(t, t, p, tt);
                 gemm_acc(t, d, t, tt, dyh, dvg)?;
             }
+            scatter_head(dqh, s, b, h, dqp);
         }
         for ti in 0..t {
             let off = ((b * t + ti) * s.hk + g) * d;
