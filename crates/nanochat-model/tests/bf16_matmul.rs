@@ -69,6 +69,41 @@ fn bf16_loss_and_gradients_track_f32() {
 }
 
 #[test]
+fn bf16_causal_attention_blocks_track_f32() {
+    // seq 100: the bf16 attention runs 4 causal blocks (32, 32, 32 and a ragged 4 rows), with
+    // GQA (4 query heads on 2 kv heads). A wrong key range or log-sum-exp offset in any block
+    // would wreck the gradients of q/k/v, not just perturb them.
+    let mut cfg = tiny(1, 4, 2, 64, 300);
+    cfg.sequence_len = 100;
+    let (b, t) = (2, 100);
+    let idx = tokens(b * t, 300, 3);
+    let tg: Vec<i32> = tokens(b * t, 300, 4).iter().map(|&x| x as i32).collect();
+    let mut m = random_model(cfg, 11);
+    let mut run = |precision| {
+        m.set_matmul_precision(precision);
+        m.zero_grad().unwrap();
+        let loss = m
+            .forward_backward(&idx, &tg, b, t, Reduction::Mean)
+            .unwrap();
+        let grads: Vec<(String, Vec<f32>)> = m
+            .params()
+            .map(|p| (p.name.to_string(), p.grad.to_vec()))
+            .collect();
+        (loss, grads)
+    };
+    let (l32, g32) = run(MatmulPrecision::F32);
+    let (l16, g16) = run(MatmulPrecision::Bf16);
+    assert!(
+        ((l16 - l32) / l32).abs() < 1e-2,
+        "loss f32 {l32} bf16 {l16}"
+    );
+    for ((name, a), (_, b)) in g32.iter().zip(&g16) {
+        let cos = cosine(a, b);
+        assert!(cos > 0.995, "{name}: gradient cosine {cos}");
+    }
+}
+
+#[test]
 fn precision_parses_from_config_strings() {
     assert_eq!(
         "bf16".parse::<MatmulPrecision>().unwrap(),
