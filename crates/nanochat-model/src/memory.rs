@@ -3,6 +3,7 @@
 
 use crate::config::GptConfig;
 use crate::error::{ModelError, Result};
+use crate::kernels::MatmulPrecision;
 use crate::params::{param_specs, ParamGroup};
 
 /// What the memory is for.
@@ -15,6 +16,8 @@ pub enum Workload {
         batch: usize,
         /// Tokens per row.
         seq: usize,
+        /// Arithmetic of the matmuls: bf16 adds the packed bf16 weights and GEMM pack scratch.
+        precision: MatmulPrecision,
     },
     /// Inference with a KV cache of `rows × capacity` positions.
     Inference {
@@ -37,6 +40,9 @@ pub struct MemoryEstimate {
     /// Optimizer state as the reference keeps it: AdamW's two moments for the embedding and
     /// lm_head, Muon's momentum for every block matrix (training).
     pub optimizer_state: u64,
+    /// bf16 matmuls (training): the weights packed once per optimizer step for the forward and
+    /// backward GEMMs, plus each thread's pack buffers for the operands packed per call.
+    pub bf16_packs: u64,
     /// Activations and scratch for one micro-batch (training) or one prefill (inference).
     pub activations: u64,
     /// Key/value cache (inference).
@@ -50,6 +56,7 @@ impl MemoryEstimate {
             + self.weight_copies
             + self.grads
             + self.optimizer_state
+            + self.bf16_packs
             + self.activations
             + self.kv_cache
     }
@@ -73,11 +80,18 @@ pub fn estimate_memory(cfg: &GptConfig, workload: Workload) -> MemoryEstimate {
         ..Default::default()
     };
     match workload {
-        Workload::Training { batch, seq } => {
+        Workload::Training {
+            batch,
+            seq,
+            precision,
+        } => {
             e.grads = 4 * all;
             e.optimizer_state =
                 4 * (2 * (wte + numel(Some(ParamGroup::LmHead))) + numel(Some(ParamGroup::Matrix)));
             e.activations = 4 * crate::model::activation_floats(cfg, batch, seq, true) as u64;
+            if precision == MatmulPrecision::Bf16 {
+                e.bf16_packs = crate::model::bf16_pack_bytes(cfg, batch * seq);
+            }
         }
         Workload::Inference { rows, capacity } => {
             e.kv_cache = crate::kv_cache::kv_cache_bytes(cfg, rows, capacity);
@@ -129,6 +143,30 @@ pub fn check_workload(cfg: &GptConfig, workload: Workload) -> Result<MemoryEstim
     Ok(e)
 }
 
+/// Checks, for a model that is already loaded (its weights and weight copies held), that the
+/// rest of a training run fits: gradients, optimizer state, bf16 packs and the activations of a
+/// `batch × seq` micro-batch. Training calls this before the first large allocation, so a
+/// config that cannot fit fails at once with the whole bill, not mid-step.
+pub fn check_training(
+    cfg: &GptConfig,
+    batch: usize,
+    seq: usize,
+    precision: MatmulPrecision,
+) -> Result<MemoryEstimate> {
+    let workload = Workload::Training {
+        batch,
+        seq,
+        precision,
+    };
+    let e = estimate_memory(cfg, workload);
+    let rest = e.total() - e.weights - e.weight_copies;
+    check_fits(
+        rest,
+        &format!("training state for micro-batches of {batch}×{seq} tokens ({e:?})"),
+    )?;
+    Ok(e)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -137,10 +175,20 @@ mod tests {
     fn estimate_counts_parameters_and_states() {
         let cfg = GptConfig::from_depth(2, 300, 32).unwrap();
         let n = cfg.num_params() as u64;
-        let t = estimate_memory(&cfg, Workload::Training { batch: 2, seq: 16 });
+        let training = |precision| Workload::Training {
+            batch: 2,
+            seq: 16,
+            precision,
+        };
+        let t = estimate_memory(&cfg, training(MatmulPrecision::F32));
         assert_eq!(t.weights, 4 * n);
         assert_eq!(t.grads, 4 * n);
-        assert!(t.activations > 0 && t.kv_cache == 0);
+        assert!(t.activations > 0 && t.kv_cache == 0 && t.bf16_packs == 0);
+        // bf16: two packed copies of every matmul weight (≥ 2 bytes per element each) on top.
+        let t16 = estimate_memory(&cfg, training(MatmulPrecision::Bf16));
+        let wte = (cfg.padded_vocab_size() * cfg.n_embd) as u64;
+        assert!(t16.bf16_packs >= 4 * (n - wte), "{t16:?}");
+        assert_eq!(t16.total(), t.total() + t16.bf16_packs);
         let i = estimate_memory(
             &cfg,
             Workload::Inference {
@@ -166,6 +214,7 @@ mod tests {
             Workload::Training {
                 batch: 1 << 20,
                 seq: 1 << 12,
+                precision: MatmulPrecision::F32,
             },
         )
         .unwrap_err()
@@ -174,5 +223,13 @@ mod tests {
             err.contains("out of memory") && err.contains("available"),
             "{err}"
         );
+        let err = check_training(&cfg, 1 << 20, 1 << 12, MatmulPrecision::Bf16)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("out of memory") && err.contains("1048576×4096"),
+            "{err}"
+        );
+        assert!(check_training(&cfg, 2, 16, MatmulPrecision::Bf16).is_ok());
     }
 }

@@ -109,6 +109,25 @@ pub(crate) struct Activations {
 
 /// Float counts of every activation buffer: the single source of truth for allocation and for
 /// the memory estimate.
+/// Bytes of the bf16 matmul packs for training on micro-batches of `tokens` tokens: every
+/// matmul weight packed twice (forward `Wᵀ`, backward `W`), plus per thread the pool of
+/// operand packs a GEMM call fills (the largest A, the lm_head's `dlogits` chunk, and the
+/// largest B, the MLP activations).
+pub(crate) fn bf16_pack_bytes(cfg: &GptConfig, tokens: usize) -> u64 {
+    let weights: u64 = crate::params::param_specs(cfg)
+        .iter()
+        .filter(|s| s.group != crate::params::ParamGroup::Embedding)
+        .map(|s| {
+            let [out, inp] = s.shape;
+            PackedB::bytes_for(inp, out) + PackedB::bytes_for(out, inp)
+        })
+        .sum();
+    let vp = cfg.padded_vocab_size();
+    let chunk = logit_chunk_rows(vp, tokens);
+    let per_thread = PackedB::bytes_for(chunk, vp) + PackedB::bytes_for(tokens, 4 * cfg.n_embd);
+    weights + rayon::current_num_threads() as u64 * per_thread
+}
+
 pub(crate) fn activation_floats(cfg: &GptConfig, b: usize, t: usize, with_grad: bool) -> usize {
     let (n, c) = (b * t, cfg.n_embd);
     let kd = cfg.n_kv_head * cfg.head_dim();
@@ -317,6 +336,17 @@ impl Gpt {
         if self.precision != MatmulPrecision::Bf16 || self.bf16_packs.is_some() {
             return Ok(());
         }
+        let bytes: u64 = self
+            .specs
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != WTE)
+            .map(|(_, s)| {
+                let [out, inp] = s.shape;
+                PackedB::bytes_for(inp, out) + PackedB::bytes_for(out, inp)
+            })
+            .sum();
+        crate::memory::check_fits(bytes, "bf16 weight packs")?;
         let mut packs = Vec::with_capacity(self.specs.len());
         for (i, spec) in self.specs.iter().enumerate() {
             if i == WTE {

@@ -576,6 +576,19 @@ pub fn train(
 
     // A run-time choice, not part of the checkpoint: a resumed run uses this run's setting.
     model.set_matmul_precision(cfg.matmul_precision);
+    // The whole bill (gradients, optimizer state, bf16 packs, activations of the largest
+    // micro-batch), checked before any of it is allocated.
+    let need = nanochat_model::memory::check_training(
+        model.config(),
+        cfg.device_batch_size,
+        model.config().sequence_len,
+        cfg.matmul_precision,
+    )?;
+    tracing::info!(
+        total_mib = need.total() >> 20,
+        activations_mib = need.activations >> 20,
+        "memory estimate"
+    );
     let specs: Vec<(String, Vec<usize>)> = model
         .param_specs()
         .iter()

@@ -178,8 +178,9 @@ pub fn gemm_bf16_with(
     #[cfg(target_arch = "x86_64")]
     if has_avx512_bf16() {
         // SAFETY: the CPU supports AVX-512 F/BW/BF16 (checked above); lengths checked.
-        unsafe { avx512::gemm_with(op_a, m, n, k, a, avx512::BOperand::Raw(op_b, b), c, opts) };
-        return Ok(());
+        return unsafe {
+            avx512::gemm_with(op_a, m, n, k, a, avx512::BOperand::Raw(op_b, b), c, opts)
+        };
     }
     if !opts.accumulate {
         c.fill(0.0);
@@ -233,7 +234,19 @@ enum PackedRepr {
 }
 
 impl PackedB {
-    /// Packs `b` (`[k, n]` for [`Op::N`], stored `[n, k]` for [`Op::T`]).
+    /// Bytes a pack of a `k × n` operand takes on this CPU (the panels of the AVX-512 path, or
+    /// the rounded f32 copy of the portable one); also an upper bound for the per-call packs
+    /// of a GEMM operand with `k` and `n` lanes.
+    pub fn bytes_for(k: usize, n: usize) -> u64 {
+        if has_avx512_bf16() {
+            ((n.div_ceil(NR) * k.div_ceil(2) * NR + 16) * 4) as u64
+        } else {
+            (k * n * 4) as u64
+        }
+    }
+
+    /// Packs `b` (`[k, n]` for [`Op::N`], stored `[n, k]` for [`Op::T`]). An allocation failure
+    /// is an [`ModelError::OutOfMemory`] error, not an abort.
     pub fn new(op_b: Op, k: usize, n: usize, b: &[f32]) -> Result<Self> {
         if b.len() != k * n {
             return Err(ModelError::Kernel(format!(
@@ -245,7 +258,15 @@ impl PackedB {
         #[cfg(target_arch = "x86_64")]
         if has_avx512_bf16() {
             let len = n.div_ceil(NR) * k.div_ceil(2) * NR;
-            let mut words = vec![0u32; len + 16];
+            let mut words: Vec<u32> = Vec::new();
+            words.try_reserve_exact(len + 16).map_err(|_| {
+                ModelError::oom(
+                    format!("bf16 weight pack {k}x{n}"),
+                    ((len + 16) * 4) as u64,
+                    crate::memory::available_memory(),
+                )
+            })?;
+            words.resize(len + 16, 0);
             let off = words.as_ptr().align_offset(64).min(16);
             // SAFETY: AVX-512 BF16 present; `b` holds k·n values; the slice is sized for them.
             unsafe { avx512::pack_b(op_b, k, n, b, &mut words[off..off + len]) };
@@ -317,8 +338,7 @@ pub fn gemm_bf16_prepacked_with(
             // SAFETY: panels exist only when the CPU has AVX-512 BF16; lengths checked.
             unsafe {
                 avx512::gemm_with(op_a, m, n, k, a, avx512::BOperand::Packed(panels), c, opts)
-            };
-            Ok(())
+            }
         }
         #[cfg(not(target_arch = "x86_64"))]
         PackedRepr::Panels { .. } => unreachable!("panels are only built on x86_64"),
@@ -358,7 +378,7 @@ thread_local! {
 impl PackBuf {
     /// A buffer of `len` words whose start is 64-byte aligned (every B pair row is then two
     /// whole cache lines). Contents are unspecified: packing writes every word, padding included.
-    fn take(len: usize) -> Self {
+    fn take(len: usize) -> Result<Self> {
         // Best fit from the pool: the smallest buffer that is large enough, else the largest
         // (grown once). After the first step of a training loop the pool holds buffers for the
         // largest operands and no call allocates or page-faults again.
@@ -377,10 +397,19 @@ impl PackBuf {
             b
         });
         if buf.len() < need {
+            // Operand packs reach tens of MB (the lm_head's dlogits chunk): a failed allocation
+            // is an error for the caller, not an abort.
+            buf.try_reserve_exact(need - buf.len()).map_err(|_| {
+                ModelError::oom(
+                    "bf16 GEMM operand pack",
+                    (need * 4) as u64,
+                    crate::memory::available_memory(),
+                )
+            })?;
             buf.resize(need, 0);
         }
         let off = buf.as_ptr().align_offset(64).min(16);
-        PackBuf { buf, off, len }
+        Ok(PackBuf { buf, off, len })
     }
 
     fn slice(&self) -> &[u32] {
@@ -697,14 +726,14 @@ mod avx512 {
         b: BOperand<'_>,
         c: &mut [f32],
         opts: super::GemmOpts,
-    ) {
+    ) -> crate::error::Result<()> {
         let kp = k.div_ceil(2);
         let (pa, pb) = (m.div_ceil(MR), n.div_ceil(NR));
         // Below ~4 MFLOP the fork/join costs more than it saves.
         let parallel = opts.parallel && m * n * k >= 1 << 21 && rayon::current_num_threads() > 1;
-        let mut apack = PackBuf::take(pa * kp * MR);
+        let mut apack = PackBuf::take(pa * kp * MR)?;
         let mut bpack = match b {
-            BOperand::Raw(..) => Some(PackBuf::take(pb * kp * NR)),
+            BOperand::Raw(..) => Some(PackBuf::take(pb * kp * NR)?),
             BOperand::Packed(_) => None,
         };
         {
@@ -779,6 +808,7 @@ mod avx512 {
         } else {
             (0..tm * tn).for_each(task);
         }
+        Ok(())
     }
 
     #[cfg(test)]
