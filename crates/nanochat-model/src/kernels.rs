@@ -15,7 +15,8 @@ use crate::error::{ModelError, Result};
 
 pub mod bf16;
 
-/// Arithmetic of the model's dense matmuls (linear layers and lm_head; attention stays f32).
+/// Arithmetic of the model's dense matmuls: linear layers, lm_head and the attention GEMMs
+/// (`Q·Kᵀ`, `P·V` and their gradients). Softmax, norms and every element-wise op stay f32.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum MatmulPrecision {
