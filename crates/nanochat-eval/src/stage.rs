@@ -15,11 +15,11 @@ use crate::chat::{
 };
 use crate::core::{
     bundle::load_bundle, custom::load_custom_task, evaluate_task, load_task, CoreOptions,
-    ScoringPath, TaskScore,
+    ScoringPath, TaskScore, TaskSpec,
 };
 use crate::jsonl::{read_jsonl, write_atomic};
 use crate::model::{EvalTokenizer, Generator, LogProbModel};
-use crate::results::{write_jsonl, FailureSummary, SkippedItem};
+use crate::results::{write_jsonl, FailureSummary, ItemResult, SkippedItem};
 use crate::resume::{file_digest, TaskCheckpoints};
 use crate::sandbox::{Sandbox, SandboxConfig};
 use crate::{EvalError, Result};
@@ -265,6 +265,52 @@ fn progress(len: usize, label: &str) -> indicatif::ProgressBar {
     pb
 }
 
+/// One CORE-style task (`kind` "core" for the bundle, "custom" for user tasks) through the
+/// work dir's checkpoints: restored when the same model already scored the same task data with
+/// the same item cap, else evaluated (with a progress bar) and checkpointed.
+fn core_task_checkpointed(
+    ckpt: &mut TaskCheckpoints,
+    kind: &str,
+    spec: &TaskSpec,
+    inputs: &EvalInputs<'_>,
+    opts: &CoreOptions,
+) -> Result<(TaskScore, Vec<ItemResult>, Vec<SkippedItem>)> {
+    let key = ckpt.key(&serde_json::json!({
+        "kind": kind,
+        "spec": spec,
+        "data": file_digest(&spec.data_path),
+        "max_per_task": opts.max_per_task,
+    }));
+    if let Some(r) = ckpt.restore::<TaskScore>(kind, &spec.label, &key) {
+        return Ok((r.score, r.results, r.skipped));
+    }
+    let task = load_task(spec)?;
+    let shown = opts
+        .max_per_task
+        .map_or(task.items.len(), |m| m.min(task.items.len()));
+    let pb = progress(shown, &spec.label);
+    let (score, results) = evaluate_task(inputs.model, inputs.tokenizer, &task, opts, Some(&pb))?;
+    pb.finish_and_clear();
+    tracing::info!(
+        kind,
+        task = %score.label,
+        accuracy = score.accuracy,
+        centered = score.centered,
+        seconds = score.seconds,
+        "task done"
+    );
+    ckpt.save(
+        kind,
+        &spec.label,
+        &key,
+        &score,
+        &results,
+        &task.skipped,
+        serde_json::Value::Null,
+    )?;
+    Ok((score, results, task.skipped))
+}
+
 fn check_interrupt(inputs: &EvalInputs<'_>) -> Result<()> {
     if (inputs.interrupted)() {
         return Err(EvalError::Invalid("interrupted".into()));
@@ -343,48 +389,8 @@ pub fn run_eval_resumable(
                     .filter(|s| run_all || cfg.tasks.contains(&s.label))
                 {
                     check_interrupt(inputs)?;
-                    let key = ckpt.key(&serde_json::json!({
-                        "kind": "core",
-                        "spec": spec,
-                        "data": file_digest(&spec.data_path),
-                        "max_per_task": max,
-                    }));
                     let (score, results, skipped) =
-                        match ckpt.restore::<TaskScore>("core", &spec.label, &key) {
-                            Some(r) => (r.score, r.results, r.skipped),
-                            None => {
-                                let task = load_task(spec)?;
-                                let pb = progress(
-                                    max.map_or(task.items.len(), |m| m.min(task.items.len())),
-                                    &spec.label,
-                                );
-                                let (score, results) = evaluate_task(
-                                    inputs.model,
-                                    inputs.tokenizer,
-                                    &task,
-                                    &core_opts,
-                                    Some(&pb),
-                                )?;
-                                pb.finish_and_clear();
-                                tracing::info!(
-                                    task = %score.label,
-                                    accuracy = score.accuracy,
-                                    centered = score.centered,
-                                    seconds = score.seconds,
-                                    "CORE task done"
-                                );
-                                ckpt.save(
-                                    "core",
-                                    &spec.label,
-                                    &key,
-                                    &score,
-                                    &results,
-                                    &task.skipped,
-                                    serde_json::Value::Null,
-                                )?;
-                                (score, results, task.skipped)
-                            }
-                        };
+                        core_task_checkpointed(&mut ckpt, "core", spec, inputs, &core_opts)?;
                     if let Some(n) = &score.note {
                         notes.push(format!("{}: {n}", score.label));
                     }
@@ -409,38 +415,8 @@ pub fn run_eval_resumable(
             for path in &cfg.custom_tasks {
                 check_interrupt(inputs)?;
                 let spec = load_custom_task(path)?;
-                let key = ckpt.key(&serde_json::json!({
-                    "kind": "custom",
-                    "spec": spec,
-                    "data": file_digest(&spec.data_path),
-                    "max_per_task": max,
-                }));
                 let (score, results, skipped) =
-                    match ckpt.restore::<TaskScore>("custom", &spec.label, &key) {
-                        Some(r) => (r.score, r.results, r.skipped),
-                        None => {
-                            let task = load_task(&spec)?;
-                            let pb = progress(task.items.len(), &spec.label);
-                            let (score, results) = evaluate_task(
-                                inputs.model,
-                                inputs.tokenizer,
-                                &task,
-                                &core_opts,
-                                Some(&pb),
-                            )?;
-                            pb.finish_and_clear();
-                            ckpt.save(
-                                "custom",
-                                &spec.label,
-                                &key,
-                                &score,
-                                &results,
-                                &task.skipped,
-                                serde_json::Value::Null,
-                            )?;
-                            (score, results, task.skipped)
-                        }
-                    };
+                    core_task_checkpointed(&mut ckpt, "custom", &spec, inputs, &core_opts)?;
                 write_jsonl(&results_dir.join(format!("{}.jsonl", spec.label)), &results)?;
                 failures.add(&results, &skipped);
                 skipped_all.extend(skipped.iter().cloned());
