@@ -303,13 +303,7 @@ pub fn run_main<E: std::fmt::Display>(
     name: &str,
     body: impl FnOnce(&StageContext) -> std::result::Result<i32, E>,
 ) -> ! {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    init_tracing("info");
     let prepared = install_signal_handlers()
         .and_then(|()| StageContext::from_env())
         .map_err(|e| error_chain(&e));
@@ -321,6 +315,17 @@ pub fn run_main<E: std::fmt::Display>(
         }
     };
     std::process::exit(code)
+}
+
+/// Logs of every nanochat binary: `tracing` to stderr (stdout stays for results), filtered by
+/// `RUST_LOG` when set, else `default_filter` (e.g. `"info"`). A second call is a no-op.
+pub fn init_tracing(default_filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter)
+        .try_init();
 }
 
 /// `error: cause: cause …`, the way anyhow's alternate form prints a chain, except that a cause

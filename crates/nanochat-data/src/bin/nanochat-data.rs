@@ -65,9 +65,7 @@ fn main() {
 }
 
 fn run() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .init();
+    nanochat_artifacts::stage::init_tracing("info");
     let ctx = StageContext::new(StageArgs::parse())?;
     let cfg: Config = ctx.config()?;
     let src = find(&cfg.source)?;

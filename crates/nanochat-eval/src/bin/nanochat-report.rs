@@ -48,13 +48,7 @@ fn report_path(p: &std::path::Path) -> PathBuf {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    nanochat_artifacts::stage::init_tracing("info");
     let cli = Cli::parse();
     if let Some(pair) = &cli.compare {
         let (a, b) = (report_path(&pair[0]), report_path(&pair[1]));
