@@ -56,15 +56,14 @@ pub struct ParamMut<'a> {
 }
 
 /// Rows of the logits matrix materialised at once in the fused lm_head + loss: bounds the
-/// logits memory at ~128 MB whatever the batch (PyTorch holds all of them, several times
-/// over). Larger chunks pay: every chunk streams the whole lm_head weight for `dX` and
-/// re-reads and re-writes its whole gradient for `dW`, so 1024 rows instead of 256 at vocab
-/// 32768 made the d8 bf16 step 5–9% faster.
-fn logit_chunk_rows(padded_vocab: usize, rows: usize) -> usize {
-    (32 * 1024 * 1024 / padded_vocab)
-        .clamp(64, 1024)
-        .min(rows)
-        .max(1)
+/// logits memory whatever the batch (PyTorch holds all of them, several times over). With
+/// gradients, ~128 MB: every chunk streams the whole lm_head weight for `dX` and re-reads and
+/// re-writes its whole gradient for `dW`, so 1024 rows instead of 256 at vocab 32768 made the
+/// d8 bf16 step 5–9% faster. Forward-only (evaluation, whose buffers are allocated per
+/// call), ~32 MB: no weight gradient to amortize, and fresh pages cost page faults.
+fn logit_chunk_rows(padded_vocab: usize, rows: usize, with_grad: bool) -> usize {
+    let budget = if with_grad { 32 << 20 } else { 8 << 20 };
+    (budget / padded_vocab).clamp(64, 1024).min(rows).max(1)
 }
 
 struct LayerActs {
@@ -95,6 +94,8 @@ pub(crate) struct Activations {
     xf: Vec<f32>,
     rstdf: Vec<f32>,
     pos: Vec<usize>,
+    /// Rows of `logits` per chunk of the fused lm_head + loss.
+    logit_rows: usize,
     logits: Vec<f32>,
     // backward only
     dx: Vec<f32>,
@@ -123,7 +124,7 @@ pub(crate) fn bf16_pack_bytes(cfg: &GptConfig, tokens: usize) -> u64 {
         })
         .sum();
     let vp = cfg.padded_vocab_size();
-    let chunk = logit_chunk_rows(vp, tokens);
+    let chunk = logit_chunk_rows(vp, tokens, true);
     let per_thread = PackedB::bytes_for(chunk, vp) + PackedB::bytes_for(tokens, 4 * cfg.n_embd);
     weights + rayon::current_num_threads() as u64 * per_thread
 }
@@ -144,7 +145,8 @@ pub(crate) fn activation_floats(cfg: &GptConfig, b: usize, t: usize, with_grad: 
         + n * c
         + n
         + 2 * n * f;
-    let base = 3 * n * c + 2 * n + cfg.n_layer * per_layer + logit_chunk_rows(vp, n) * vp;
+    let base =
+        3 * n * c + 2 * n + cfg.n_layer * per_layer + logit_chunk_rows(vp, n, with_grad) * vp;
     let pos_floats = n * std::mem::size_of::<usize>() / 4;
     let grad = if with_grad {
         3 * n * c + n * c + 2 * n * kd + n * f + tscratch_len(cfg, n)
@@ -156,7 +158,7 @@ pub(crate) fn activation_floats(cfg: &GptConfig, b: usize, t: usize, with_grad: 
 
 fn tscratch_len(cfg: &GptConfig, n: usize) -> usize {
     let vp = cfg.padded_vocab_size();
-    (4 * cfg.n_embd * n).max(vp * logit_chunk_rows(vp, n))
+    (4 * cfg.n_embd * n).max(vp * logit_chunk_rows(vp, n, true))
 }
 
 impl Activations {
@@ -202,7 +204,8 @@ impl Activations {
             xf: a(n * c, "activations")?,
             rstdf: a(n, "activations")?,
             pos: (0..n).map(|i| i % t).collect(),
-            logits: a(logit_chunk_rows(vp, n) * vp, "logits")?,
+            logit_rows: logit_chunk_rows(vp, n, with_grad),
+            logits: a(logit_chunk_rows(vp, n, with_grad) * vp, "logits")?,
             dx: g(n * c, "gradient scratch")?,
             dxn: g(n * c, "gradient scratch")?,
             dya: g(n * c, "gradient scratch")?,
@@ -793,7 +796,8 @@ fn head(
     let (c, v, vp) = (cfg.n_embd, cfg.vocab_size, cfg.padded_vocab_size());
     let n = a.b * a.t;
     let lm = lm_head_index(cfg);
-    let chunk = logit_chunk_rows(vp, n);
+    // The buffer's own chunk: training activations may serve a forward-only call.
+    let chunk = a.logit_rows;
     let softcap = cfg.softcap;
     let avx = has_avx2();
     let prec = model.precision;

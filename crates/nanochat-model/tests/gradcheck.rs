@@ -162,3 +162,31 @@ fn init_is_seeded_and_follows_reference_statistics() {
         }
     }
 }
+
+#[test]
+fn loss_agrees_across_logit_chunkings() {
+    // vocab 40000: forward-only buffers chunk the logits by 209 rows, training buffers by 838,
+    // so over 2 × 512 rows the same loss is summed over different chunks, through buffers made
+    // for training (loss after forward_backward reuses them) and for inference (fresh model).
+    let mut cfg = tiny(1, 2, 2, 16, 40_000);
+    cfg.sequence_len = 512;
+    let (b, t) = (2, 512);
+    let idx = tokens(b * t, 40_000, 5);
+    let tg: Vec<i32> = tokens(b * t, 40_000, 6).iter().map(|&x| x as i32).collect();
+    let mut fresh = random_model(cfg.clone(), 3);
+    let forward_only = fresh.loss(&idx, &tg, b, t, Reduction::Sum).unwrap();
+    let mut trained = random_model(cfg, 3);
+    trained.zero_grad().unwrap();
+    let with_grad = trained
+        .forward_backward(&idx, &tg, b, t, Reduction::Sum)
+        .unwrap();
+    let reused = trained.loss(&idx, &tg, b, t, Reduction::Sum).unwrap();
+    for l in [with_grad, reused] {
+        assert!(
+            ((l - forward_only) / forward_only).abs() < 1e-6,
+            "{l} vs {forward_only}"
+        );
+    }
+    let logits = fresh.logits(&idx[..t], 1, t).unwrap();
+    assert_eq!(logits.len(), t * 40_000);
+}
