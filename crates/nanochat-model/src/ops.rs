@@ -205,9 +205,9 @@ fn attend_one(
 /// `lse`: `[B, H, T]` (saved for the backward pass instead of the T×T probabilities).
 ///
 /// Fused per (batch, kv-head group), parallel over groups: each head's scores `Q·Kᵀ` and output
-/// `P·V` are GEMMs on gathered contiguous copies (the masked upper triangle is computed and
-/// discarded: still far faster than per-query dot products), with a max-subtracted softmax in
-/// between. Probabilities live only in per-task T×T scratch.
+/// `P·V` are GEMMs on gathered contiguous copies, in causal blocks of query rows (rows
+/// `i0..i1` against keys `0..i1`, so most of the masked upper triangle is never computed), with
+/// a max-subtracted softmax in between. Probabilities live only in per-task scratch.
 pub(crate) fn attention_fwd(
     s: AttnShape,
     q: &[f32],
@@ -360,13 +360,22 @@ unsafe fn attn_fwd_heads(
         }
         return Ok(());
     }
-    transpose(t, d, kh, kt);
+    // f32: the same causal blocks on trueno's GEMM, which wants `Kᵀ` as a contiguous
+    // `[D, keys]` operand: each block transposes its key prefix (O(keys·D), against the
+    // block's O(rows·keys·D) GEMMs).
+    let blk = causal_block_rows(t);
     for h in g * rep..(g + 1) * rep {
         gather_head(q, s, s.h, b, h, qh);
-        gemm_set(t, t, d, qh, kt, sc)?;
         let lrow = lse.slice((b * s.h + h) * t, t);
-        causal_softmax_rows(sc, t, 0, scale, Some(lrow), None);
-        gemm_set(t, d, t, sc, vh, yh)?;
+        for i0 in (0..t).step_by(blk) {
+            let i1 = (i0 + blk).min(t);
+            let (m, nk) = (i1 - i0, i1);
+            let (sc, ktb) = (&mut sc[..m * nk], &mut kt[..nk * d]);
+            transpose(nk, d, &kh[..nk * d], ktb);
+            gemm_set(m, nk, d, &qh[i0 * d..i1 * d], ktb, sc)?;
+            causal_softmax_rows(sc, nk, i0, scale, Some(&mut lrow[i0..i1]), None);
+            gemm_set(m, d, nk, sc, &vh[..nk * d], &mut yh[i0 * d..i1 * d])?;
+        }
         scatter_head(yh, s, b, h, y);
     }
     Ok(())
