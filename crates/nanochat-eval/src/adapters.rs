@@ -34,6 +34,17 @@ impl LogProbModel for Gpt {
         })
     }
 
+    fn logits_at(
+        &self,
+        tokens: &[u32],
+        batch: usize,
+        seq_len: usize,
+        positions: &[usize],
+    ) -> Result<Vec<f32>> {
+        Gpt::logits_at(self, tokens, batch, seq_len, positions)
+            .map_err(|e| EvalError::Model(e.to_string()))
+    }
+
     /// Three cached forwards for all groups at once: prefill every group's shared prefix in
     /// its first row (only the last position goes through the vocabulary projection), copy
     /// that row's cache to the group's other rows, then run every row's tail.

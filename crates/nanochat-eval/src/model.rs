@@ -88,6 +88,32 @@ pub trait LogProbModel {
         let _ = groups;
         Ok(None)
     }
+
+    /// Logits `[positions.len(), vocab]` at the flat positions `row·seq_len + pos` (strictly
+    /// increasing) of a right-padded batch: all the padded scoring path reads (a continuation
+    /// of a few tokens per row). The default slices [`LogProbModel::logits`]; a model that can
+    /// skip the vocabulary projection elsewhere should (for CORE's 10-shot prompts that is
+    /// nearly every position, and the full output is `batch·seq_len·vocab` floats).
+    fn logits_at(
+        &self,
+        tokens: &[u32],
+        batch: usize,
+        seq_len: usize,
+        positions: &[usize],
+    ) -> Result<Vec<f32>> {
+        let all = self.logits(tokens, batch, seq_len)?;
+        all.validate(batch, seq_len)?;
+        let mut out = Vec::with_capacity(positions.len() * all.vocab);
+        for &p in positions {
+            if p >= batch * seq_len {
+                return Err(crate::EvalError::Model(format!(
+                    "logits_at: position {p} outside the {batch}×{seq_len} batch"
+                )));
+            }
+            out.extend_from_slice(all.at(p / seq_len, p % seq_len));
+        }
+        Ok(out)
+    }
 }
 
 /// Rows (token sequences) whose first `shared` tokens are identical; see

@@ -591,7 +591,7 @@ impl Gpt {
         let mut acts = self.take_acts(b, t, with_grad)?;
         let result = (|| {
             trunk_forward(self, &mut acts, idx)?;
-            let sum = head(self, &mut acts, targets, None, None)?;
+            let sum = head(self, &mut acts, b * t, targets, None, None)?;
             Ok::<f64, ModelError>(sum)
         })();
         self.acts = Some(acts);
@@ -616,7 +616,49 @@ impl Gpt {
         trunk_forward(self, &mut acts, idx)?;
         let v = self.cfg.vocab_size;
         let mut out = alloc_f32(b * t * v, "logits")?;
-        head(self, &mut acts, &[], None, Some(&mut out))?;
+        head(self, &mut acts, b * t, &[], None, Some(&mut out))?;
+        Ok(out)
+    }
+
+    /// Softcapped logits `[positions.len(), vocab_size]` at the flat positions `row·t + pos`
+    /// (strictly increasing) of a batch: the blocks run on the whole batch, the lm_head and
+    /// softcap only on those positions. What a scorer that reads a few positions per row
+    /// (CORE's continuations) needs, without the lm_head work and the `b·t·vocab` output of
+    /// [`Gpt::logits`].
+    pub fn logits_at(
+        &self,
+        idx: &[u32],
+        b: usize,
+        t: usize,
+        positions: &[usize],
+    ) -> Result<Vec<f32>> {
+        self.check_batch(idx, None, b, t)?;
+        if let Some(w) = positions.windows(2).find(|w| w[0] >= w[1]) {
+            return Err(ModelError::InvalidInput(format!(
+                "logits_at: positions must be strictly increasing (got {} then {})",
+                w[0], w[1]
+            )));
+        }
+        if let Some(&last) = positions.last() {
+            if last >= b * t {
+                return Err(ModelError::InvalidInput(format!(
+                    "logits_at: position {last} is outside the batch ({b}·{t} positions)"
+                )));
+            }
+        }
+        let mut acts = Activations::new(&self.cfg, b, t, false)?;
+        trunk_forward(self, &mut acts, idx)?;
+        // Move the selected rows of the final hidden state to the front (in place: position
+        // i is read before any row at or after it is written, as positions[i] ≥ i).
+        let c = self.cfg.n_embd;
+        for (i, &p) in positions.iter().enumerate() {
+            if p != i {
+                acts.xf.copy_within(p * c..(p + 1) * c, i * c);
+            }
+        }
+        let v = self.cfg.vocab_size;
+        let mut out = alloc_f32(positions.len() * v, "logits")?;
+        head(self, &mut acts, positions.len(), &[], None, Some(&mut out))?;
         Ok(out)
     }
 
@@ -636,7 +678,8 @@ impl Gpt {
         };
         let lm = lm_head_index(&self.cfg);
         let mut dlm = std::mem::take(&mut self.grads[lm]);
-        let sum = head(self, acts, targets, Some((scale, &mut dlm)), None);
+        let n = acts.b * acts.t;
+        let sum = head(self, acts, n, targets, Some((scale, &mut dlm)), None);
         self.grads[lm] = dlm;
         let sum = sum?;
         trunk_backward(self, acts, idx)?;
@@ -781,20 +824,20 @@ fn trunk_forward(model: &Gpt, a: &mut Activations, idx: &[u32]) -> Result<()> {
     Ok(())
 }
 
-/// lm_head + softcap + cross-entropy, fused and chunked over rows so the full logits matrix
-/// never exists. With `grad = (scale, dlm)`: writes d loss/d xf into `a.dxn` and adds the
-/// lm_head gradient to `dlm`. With `out`: copies the capped logits there. Returns the summed
-/// loss over non-ignored targets.
+/// lm_head + softcap + cross-entropy over the first `n` rows of `a.xf`, fused and chunked over
+/// rows so the full logits matrix never exists. With `grad = (scale, dlm)`: writes d loss/d xf
+/// into `a.dxn` and adds the lm_head gradient to `dlm`. With `out`: copies the capped logits
+/// there. Returns the summed loss over non-ignored targets.
 fn head(
     model: &Gpt,
     a: &mut Activations,
+    n: usize,
     targets: &[i32],
     mut grad: Option<(f32, &mut Vec<f32>)>,
     mut out: Option<&mut Vec<f32>>,
 ) -> Result<f64> {
     let cfg = &model.cfg;
     let (c, v, vp) = (cfg.n_embd, cfg.vocab_size, cfg.padded_vocab_size());
-    let n = a.b * a.t;
     let lm = lm_head_index(cfg);
     // The buffer's own chunk: training activations may serve a forward-only call.
     let chunk = a.logit_rows;

@@ -190,3 +190,31 @@ fn loss_agrees_across_logit_chunkings() {
     let logits = fresh.logits(&idx[..t], 1, t).unwrap();
     assert_eq!(logits.len(), t * 40_000);
 }
+
+#[test]
+fn logits_at_selected_positions_match_full_logits() {
+    let cfg = tiny(2, 2, 1, 32, 90);
+    let (b, t) = (3, 11);
+    let idx = tokens(b * t, 90, 8);
+    let m = random_model(cfg, 4);
+    let full = m.logits(&idx, b, t).unwrap();
+    let positions = [0usize, 4, 10, 11, 20, 32];
+    let sel = m.logits_at(&idx, b, t, &positions).unwrap();
+    assert_eq!(sel.len(), positions.len() * 90);
+    for (i, &p) in positions.iter().enumerate() {
+        for (x, y) in sel[i * 90..(i + 1) * 90]
+            .iter()
+            .zip(&full[p * 90..(p + 1) * 90])
+        {
+            assert!(
+                (x - y).abs() <= 1e-5 * y.abs().max(1.0),
+                "position {p}: {x} vs {y}"
+            );
+        }
+    }
+    assert!(m.logits_at(&idx, b, t, &[]).unwrap().is_empty());
+    for bad in [&[3usize, 3][..], &[5, 2], &[33]] {
+        let err = m.logits_at(&idx, b, t, bad).unwrap_err().to_string();
+        assert!(err.contains("logits_at"), "{err}");
+    }
+}

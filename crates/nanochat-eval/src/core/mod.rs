@@ -340,8 +340,8 @@ struct Outcome {
 /// Where each row's scored tokens come from: one padded forward, or per-row tails after a
 /// shared prefix (see [`LogProbModel::tail_logits`]).
 enum GroupLogits {
-    Padded(crate::model::LogitsBatch),
-    /// Per row (in group order): the logits of positions `shared..len` and `shared`.
+    /// Per row (in group order): the logits of positions `first..` (those the row's scored
+    /// tokens need, or everything after a shared prefix) and `first`.
     Tails(Vec<(crate::model::LogitsBatch, usize)>),
 }
 
@@ -349,9 +349,6 @@ impl GroupLogits {
     /// Losses and argmax of `row` for the tokens at `start..end` of `toks`.
     fn score(&self, row: usize, toks: &[u32], start: usize, end: usize) -> (Vec<f64>, Vec<u32>) {
         match self {
-            GroupLogits::Padded(l) => {
-                row_losses_and_argmax(l, row, start - 1..end - 1, &toks[start..end])
-            }
             GroupLogits::Tails(tails) => {
                 let (l, shared) = &tails[row];
                 row_losses_and_argmax(
@@ -441,9 +438,51 @@ fn score_group(
                 for (i, r) in rows.iter().enumerate() {
                     flat[i * seq_len..i * seq_len + r.len()].copy_from_slice(r);
                 }
-                let l = model.logits(&flat, rows.len(), seq_len)?;
-                l.validate(rows.len(), seq_len)?;
-                Some(GroupLogits::Padded(l))
+                // Only the positions that predict a scored token: row (item, option k) needs
+                // starts[k] - 1 .. ends[k] - 1. Scored as tails starting at that position.
+                let mut spans: Vec<(usize, usize)> = Vec::with_capacity(rows.len());
+                for s in &items {
+                    for (&a, &e) in s.starts.iter().zip(&s.ends) {
+                        if a == 0 || e < a {
+                            return Err(EvalError::Invalid(format!(
+                                "scored span {a}..{e}: the first scored token needs a token before it"
+                            )));
+                        }
+                        spans.push((a - 1, e - 1));
+                    }
+                }
+                let positions: Vec<usize> = spans
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(i, &(from, to))| (from..to).map(move |p| i * seq_len + p))
+                    .collect();
+                let data = model.logits_at(&flat, rows.len(), seq_len, &positions)?;
+                let vocab = if positions.is_empty() {
+                    0
+                } else {
+                    data.len() / positions.len()
+                };
+                if data.len() != positions.len() * vocab || vocab == 0 {
+                    return Err(EvalError::Model(format!(
+                        "logits_at: {} values for {} positions",
+                        data.len(),
+                        positions.len()
+                    )));
+                }
+                let mut tails = Vec::with_capacity(rows.len());
+                let mut at = 0usize;
+                for &(from, to) in &spans {
+                    let n = to - from;
+                    let batch = crate::model::LogitsBatch {
+                        batch: 1,
+                        seq_len: n,
+                        vocab,
+                        data: data[at * vocab..(at + n) * vocab].to_vec(),
+                    };
+                    tails.push((batch, from));
+                    at += n;
+                }
+                Some(GroupLogits::Tails(tails))
             }
         }
     };
