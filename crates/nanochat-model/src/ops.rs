@@ -330,39 +330,11 @@ unsafe fn attn_fwd_heads(
     let scale = 1.0 / (d as f32).sqrt();
     gather_head(k, s, s.hk, b, g, kh);
     gather_head(v, s, s.hk, b, g, vh);
-    if s.precision == MatmulPrecision::Bf16 {
-        // Causal blocks: query rows i0..i1 only need keys 0..i1, so the masked upper triangle
-        // is skipped block by block (5/8 of the square at 4 blocks) instead of computed and
-        // discarded.
-        let blk = causal_block_rows(t);
-        for h in g * rep..(g + 1) * rep {
-            gather_head(q, s, s.h, b, h, qh);
-            let lrow = lse.slice((b * s.h + h) * t, t);
-            for i0 in (0..t).step_by(blk) {
-                let i1 = (i0 + blk).min(t);
-                let (m, nk) = (i1 - i0, i1);
-                let sc = &mut sc[..m * nk];
-                let (qb, kb, vb) = (&qh[i0 * d..i1 * d], &kh[..nk * d], &vh[..nk * d]);
-                head_gemm_bf16((Op::N, Op::T), m, nk, d, qb, kb, sc, false)?;
-                causal_softmax_rows(sc, nk, i0, scale, Some(&mut lrow[i0..i1]), None);
-                head_gemm_bf16(
-                    (Op::N, Op::N),
-                    m,
-                    d,
-                    nk,
-                    sc,
-                    vb,
-                    &mut yh[i0 * d..i1 * d],
-                    false,
-                )?;
-            }
-            scatter_head(yh, s, b, h, y);
-        }
-        return Ok(());
-    }
-    // f32: the same causal blocks on trueno's GEMM, which wants `Kᵀ` as a contiguous
-    // `[D, keys]` operand: each block transposes its key prefix (O(keys·D), against the
-    // block's O(rows·keys·D) GEMMs).
+    // Causal blocks: query rows i0..i1 only need keys 0..i1, so the masked upper triangle is
+    // skipped block by block (5/8 of the square at 4 blocks) instead of computed and discarded.
+    // bf16 folds `Kᵀ` into its packing; trueno's f32 GEMM wants it as a contiguous `[D, keys]`
+    // operand, so each block transposes its key prefix (O(keys·D) against O(rows·keys·D)).
+    let bf16 = s.precision == MatmulPrecision::Bf16;
     let blk = causal_block_rows(t);
     for h in g * rep..(g + 1) * rep {
         gather_head(q, s, s.h, b, h, qh);
@@ -370,11 +342,22 @@ unsafe fn attn_fwd_heads(
         for i0 in (0..t).step_by(blk) {
             let i1 = (i0 + blk).min(t);
             let (m, nk) = (i1 - i0, i1);
-            let (sc, ktb) = (&mut sc[..m * nk], &mut kt[..nk * d]);
-            transpose(nk, d, &kh[..nk * d], ktb);
-            gemm_set(m, nk, d, &qh[i0 * d..i1 * d], ktb, sc)?;
+            let sc = &mut sc[..m * nk];
+            let (qb, kb, vb) = (&qh[i0 * d..i1 * d], &kh[..nk * d], &vh[..nk * d]);
+            let yb = &mut yh[i0 * d..i1 * d];
+            if bf16 {
+                head_gemm_bf16((Op::N, Op::T), m, nk, d, qb, kb, sc, false)?;
+            } else {
+                let ktb = &mut kt[..nk * d];
+                transpose(nk, d, kb, ktb);
+                gemm_set(m, nk, d, qb, ktb, sc)?;
+            }
             causal_softmax_rows(sc, nk, i0, scale, Some(&mut lrow[i0..i1]), None);
-            gemm_set(m, d, nk, sc, &vh[..nk * d], &mut yh[i0 * d..i1 * d])?;
+            if bf16 {
+                head_gemm_bf16((Op::N, Op::N), m, d, nk, sc, vb, yb, false)?;
+            } else {
+                gemm_set(m, d, nk, sc, vb, yb)?;
+            }
         }
         scatter_head(yh, s, b, h, y);
     }
