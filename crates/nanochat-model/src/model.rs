@@ -115,18 +115,24 @@ pub(crate) struct Activations {
 /// operand packs a GEMM call fills (the largest A, the lm_head's `dlogits` chunk, and the
 /// largest B, the MLP activations).
 pub(crate) fn bf16_pack_bytes(cfg: &GptConfig, tokens: usize) -> u64 {
-    let weights: u64 = crate::params::param_specs(cfg)
+    let weights = weight_pack_bytes(&crate::params::param_specs(cfg));
+    let vp = cfg.padded_vocab_size();
+    let chunk = logit_chunk_rows(vp, tokens, true);
+    let per_thread = PackedB::bytes_for(chunk, vp) + PackedB::bytes_for(tokens, 4 * cfg.n_embd);
+    weights + rayon::current_num_threads() as u64 * per_thread
+}
+
+/// Bytes of [`Gpt::bf16_packs`]: both packed forms of every matmul weight (all but the
+/// token embedding, which is a lookup).
+fn weight_pack_bytes(specs: &[ParamSpec]) -> u64 {
+    specs
         .iter()
         .filter(|s| s.group != crate::params::ParamGroup::Embedding)
         .map(|s| {
             let [out, inp] = s.shape;
             PackedB::bytes_for(inp, out) + PackedB::bytes_for(out, inp)
         })
-        .sum();
-    let vp = cfg.padded_vocab_size();
-    let chunk = logit_chunk_rows(vp, tokens, true);
-    let per_thread = PackedB::bytes_for(chunk, vp) + PackedB::bytes_for(tokens, 4 * cfg.n_embd);
-    weights + rayon::current_num_threads() as u64 * per_thread
+        .sum()
 }
 
 pub(crate) fn activation_floats(cfg: &GptConfig, b: usize, t: usize, with_grad: bool) -> usize {
@@ -339,17 +345,7 @@ impl Gpt {
         if self.precision != MatmulPrecision::Bf16 || self.bf16_packs.is_some() {
             return Ok(());
         }
-        let bytes: u64 = self
-            .specs
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| *i != WTE)
-            .map(|(_, s)| {
-                let [out, inp] = s.shape;
-                PackedB::bytes_for(inp, out) + PackedB::bytes_for(out, inp)
-            })
-            .sum();
-        crate::memory::check_fits(bytes, "bf16 weight packs")?;
+        crate::memory::check_fits(weight_pack_bytes(&self.specs), "bf16 weight packs")?;
         let mut packs = Vec::with_capacity(self.specs.len());
         for (i, spec) in self.specs.iter().enumerate() {
             if i == WTE {
