@@ -45,7 +45,7 @@ pub fn run(args: InfoArgs, json_out: bool) -> Result<ExitCode> {
             "params": params,
             "memory_bytes": {
                 "weights": mem.weights,
-                "weight_copies": mem.weight_copies,
+                "weight_cache": mem.weight_cache,
                 "activations": mem.activations,
                 "kv_cache": mem.kv_cache,
                 "total": mem.total(),
@@ -91,11 +91,11 @@ pub fn run(args: InfoArgs, json_out: bool) -> Result<ExitCode> {
     )?;
     writeln!(
         out,
-        "memory       {} total for {} sequence(s): weights {}, weight copies {}, KV cache {}, activations {}",
+        "memory       {} total for {} sequence(s): weights {}, derived weight copies {}, KV cache {}, activations {}",
         mib(mem.total()),
         args.batch.max(1),
         mib(mem.weights),
-        mib(mem.weight_copies),
+        mib(mem.weight_cache),
         mib(mem.kv_cache),
         mib(mem.activations)
     )?;

@@ -2,7 +2,7 @@
 //! context, one [`Gpt::forward_cached_last`] call per engine step (only the logits after each
 //! row's last token are ever sampled, so no other position pays for lm_head).
 
-use nanochat_model::{Gpt, KvCache};
+use nanochat_model::{Backend, Gpt, KvCache};
 
 use crate::model::StepModel;
 use crate::EngineError;
@@ -15,8 +15,8 @@ fn model_err(e: nanochat_model::ModelError) -> EngineError {
     EngineError::Model(Box::new(e))
 }
 
-impl StepModel for Gpt {
-    type Cache = KvCache;
+impl<B: Backend> StepModel for Gpt<B> {
+    type Cache = KvCache<B>;
 
     fn vocab_size(&self) -> usize {
         self.config().vocab_size
@@ -26,13 +26,14 @@ impl StepModel for Gpt {
         self.config().sequence_len
     }
 
-    fn new_cache(&self, rows: usize) -> Result<KvCache, EngineError> {
-        KvCache::new(self.config(), rows, self.config().sequence_len).map_err(model_err)
+    fn new_cache(&self, rows: usize) -> Result<KvCache<B>, EngineError> {
+        self.new_kv_cache(rows, self.config().sequence_len)
+            .map_err(model_err)
     }
 
     fn forward(
         &self,
-        cache: &mut KvCache,
+        cache: &mut KvCache<B>,
         batch: &[(usize, &[u32])],
     ) -> Result<Vec<f32>, EngineError> {
         let vocab = self.config().vocab_size;
@@ -93,11 +94,11 @@ impl StepModel for Gpt {
         Ok(out)
     }
 
-    fn reset_row(&self, cache: &mut KvCache, row: usize) -> Result<(), EngineError> {
+    fn reset_row(&self, cache: &mut KvCache<B>, row: usize) -> Result<(), EngineError> {
         cache.reset(row).map_err(model_err)
     }
 
-    fn copy_row(&self, cache: &mut KvCache, src: usize, dst: usize) -> Result<(), EngineError> {
+    fn copy_row(&self, cache: &mut KvCache<B>, src: usize, dst: usize) -> Result<(), EngineError> {
         cache.copy_row(src, dst).map_err(model_err)
     }
 }

@@ -13,6 +13,7 @@
 pub mod batch;
 pub mod calculator;
 pub mod context;
+pub mod device;
 pub mod engine;
 pub mod gpt;
 pub mod model;
@@ -22,6 +23,7 @@ pub mod testing;
 
 pub use batch::{BatchDecoder, FinishReason, SeqId, StepOutput, TokenEvent, Usage};
 pub use context::{fit_prompt, FitStrategy, Fitted};
+pub use device::{DeviceGpt, DeviceKvCache};
 pub use engine::{CancelToken, Completion, Engine, Generation};
 pub use model::{Specials, StepModel, TokenCodec};
 pub use sampling::{Sampler, SamplingParams, SeqRng};

@@ -2,15 +2,15 @@
 //! scores sequences, `nanochat-tokenizer`'s [`Tokenizer`] encodes and renders chat prompts, and
 //! `nanochat-engine`'s [`Engine`] generates (greedy, calculator tool included).
 
-use nanochat_engine::{Engine, SamplingParams, StepModel};
-use nanochat_model::Gpt;
+use nanochat_engine::{DeviceGpt, Engine, SamplingParams, StepModel};
+use nanochat_model::{Backend, Gpt};
 use nanochat_tokenizer::chat::{Conversation, Message, Role};
 use nanochat_tokenizer::Tokenizer;
 
 use crate::model::{EvalTokenizer, Generator, LogProbModel, LogitsBatch, SharedPrefix};
 use crate::{EvalError, Result};
 
-impl LogProbModel for Gpt {
+impl<B: Backend> LogProbModel for Gpt<B> {
     /// The rotary table's length: nanochat's GPT forwards prompts longer than its training
     /// context without cropping, up to that table.
     fn max_seq_len(&self) -> Option<usize> {
@@ -74,8 +74,7 @@ impl LogProbModel for Gpt {
                 ));
             }
         }
-        let mut cache =
-            nanochat_model::KvCache::new(self.config(), rows, capacity).map_err(model_err)?;
+        let mut cache = self.new_kv_cache(rows, capacity).map_err(model_err)?;
         let mut first_rows = Vec::with_capacity(groups.len());
         let mut next = 0usize;
         for g in groups {
@@ -115,6 +114,46 @@ impl LogProbModel for Gpt {
             out.push(per_row);
         }
         Ok(Some(out))
+    }
+}
+
+/// Runs `$body` with `$m` bound to the GPT of whichever device the model is on.
+macro_rules! on_device {
+    ($self:expr, $m:ident => $body:expr) => {
+        match $self {
+            DeviceGpt::Cpu($m) => $body,
+            #[cfg(feature = "cuda")]
+            DeviceGpt::Cuda($m) => $body,
+        }
+    };
+}
+
+/// A model on whichever device `--device` chose scores as the GPT on it does.
+impl LogProbModel for DeviceGpt {
+    fn max_seq_len(&self) -> Option<usize> {
+        on_device!(self, m => m.max_seq_len())
+    }
+
+    fn context_len(&self) -> Option<usize> {
+        on_device!(self, m => LogProbModel::context_len(m))
+    }
+
+    fn logits(&self, tokens: &[u32], batch: usize, seq_len: usize) -> Result<LogitsBatch> {
+        on_device!(self, m => LogProbModel::logits(m, tokens, batch, seq_len))
+    }
+
+    fn logits_at(
+        &self,
+        tokens: &[u32],
+        batch: usize,
+        seq_len: usize,
+        positions: &[usize],
+    ) -> Result<Vec<f32>> {
+        on_device!(self, m => LogProbModel::logits_at(m, tokens, batch, seq_len, positions))
+    }
+
+    fn tail_logits(&self, groups: &[SharedPrefix<'_>]) -> Result<Option<Vec<Vec<Vec<f32>>>>> {
+        on_device!(self, m => m.tail_logits(groups))
     }
 }
 

@@ -7,8 +7,8 @@
 
 use std::time::Instant;
 
-use nanochat_model::kernels::bf16::{gemm_bf16, Op};
-use nanochat_model::kernels::gemm_acc;
+use nanochat_model::compute::cpu::bf16::{gemm_bf16, Op};
+use nanochat_model::compute::cpu::kernels::gemm_acc;
 use nanochat_model::{Gpt, GptConfig, KvCache, MatmulPrecision, Reduction};
 
 /// Best-of-3 GFLOP/s of a 2048×1024×512 GEMM (f32, or bf16 with f32 accumulation).
@@ -44,7 +44,7 @@ fn bandwidth_gbs() -> f64 {
         let s: f32 = {
             use rayon::prelude::*;
             v.par_chunks(1 << 16)
-                .map(|c| nanochat_model::kernels::dot(c, c))
+                .map(|c| nanochat_model::compute::cpu::kernels::dot(c, c))
                 .sum()
         };
         let dt = t.elapsed().as_secs_f64();

@@ -12,6 +12,7 @@ use sha2::{Digest, Sha256};
 use crate::config::GptConfig;
 use crate::error::{ModelError, Result};
 use crate::model::Gpt;
+use nanochat_compute::{Backend, Cpu};
 
 /// The format this build writes and the only one it reads.
 pub const CHECKPOINT_FORMAT_VERSION: u32 = 1;
@@ -68,14 +69,22 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ModelError + '_ {
     }
 }
 
-impl Gpt {
+impl Gpt<Cpu> {
+    /// Builds a CPU model from safetensors bytes (see [`Gpt::from_safetensors_on`]).
+    pub fn from_safetensors(cfg: GptConfig, bytes: &[u8], origin: &Path) -> Result<Self> {
+        Self::from_safetensors_on(Cpu, cfg, bytes, origin)
+    }
+}
+
+impl<B: Backend> Gpt<B> {
     /// The weights as safetensors bytes (reference names, `[out, in]`, f32 little-endian).
     pub fn to_safetensors(&self) -> Result<Vec<u8>> {
-        let bytes: Vec<Vec<u8>> = self
-            .data
-            .iter()
-            .map(|d| d.iter().flat_map(|x| x.to_le_bytes()).collect())
-            .collect();
+        let bytes: Vec<Vec<u8>> = (0..self.specs.len())
+            .map(|i| {
+                self.download_param(i)
+                    .map(|d| d.iter().flat_map(|x| x.to_le_bytes()).collect())
+            })
+            .collect::<Result<_>>()?;
         let mut views = Vec::with_capacity(bytes.len());
         for (s, b) in self.specs.iter().zip(&bytes) {
             let view = TensorView::new(Dtype::F32, s.shape.to_vec(), b)
@@ -90,16 +99,21 @@ impl Gpt {
             .map_err(|e| ModelError::Kernel(format!("safetensors serialize: {e}")))
     }
 
-    /// Builds a model from safetensors bytes, requiring exactly the config's tensor names,
-    /// shapes and dtype (f32). `origin` names the source in errors.
-    pub fn from_safetensors(cfg: GptConfig, bytes: &[u8], origin: &Path) -> Result<Self> {
+    /// Builds a model on `backend` from safetensors bytes, requiring exactly the config's
+    /// tensor names, shapes and dtype (f32). `origin` names the source in errors.
+    pub fn from_safetensors_on(
+        backend: B,
+        cfg: GptConfig,
+        bytes: &[u8],
+        origin: &Path,
+    ) -> Result<Self> {
         let st = SafeTensors::deserialize(bytes).map_err(|e| {
             ck_err(
                 origin,
                 format!("not a valid safetensors file (truncated or corrupt?): {e}"),
             )
         })?;
-        let mut model = Gpt::zeros(cfg)?;
+        let mut model = Gpt::zeros_on(backend, cfg)?;
         let expected: BTreeSet<&str> = model.specs.iter().map(|s| s.name.as_str()).collect();
         let present: BTreeSet<String> = st.names().into_iter().cloned().collect();
         let missing: Vec<&str> = expected
@@ -120,7 +134,9 @@ impl Gpt {
                 ),
             ));
         }
-        for (spec, dst) in model.specs.iter().zip(model.data.iter_mut()) {
+        for i in 0..model.specs.len() {
+            let spec = model.specs[i].clone();
+            let mut dst = vec![0f32; spec.shape[0] * spec.shape[1]];
             let t = st
                 .tensor(&spec.name)
                 .map_err(|e| ck_err(origin, format!("{}: {e}", spec.name)))?;
@@ -157,8 +173,8 @@ impl Gpt {
                     format!("{}: non-finite value at element {bad}", spec.name),
                 ));
             }
+            model.upload_param(i, &dst)?;
         }
-        model.sync_transposed();
         Ok(model)
     }
 
@@ -171,7 +187,11 @@ impl Gpt {
 /// Writes `model`'s checkpoint to `dir` atomically: everything goes to a sibling temporary
 /// directory which is then renamed into place, so `dir` is either the old checkpoint or the
 /// complete new one, never a mix. `meta.weights_sha256` and `format_version` are filled in.
-pub fn save_checkpoint(model: &Gpt, dir: &Path, meta: &CheckpointMeta) -> Result<()> {
+pub fn save_checkpoint<B: Backend>(
+    model: &Gpt<B>,
+    dir: &Path,
+    meta: &CheckpointMeta,
+) -> Result<()> {
     let weights = model.to_safetensors()?;
     let mut meta = meta.clone();
     meta.format_version = CHECKPOINT_FORMAT_VERSION;
@@ -233,6 +253,11 @@ fn read(path: &Path) -> Result<Vec<u8>> {
 /// checksum, tensor names, shapes and dtypes. Any mismatch is an error naming the file and
 /// the problem; nothing is partially loaded.
 pub fn load_checkpoint(dir: &Path) -> Result<(Gpt, CheckpointMeta)> {
+    load_checkpoint_on(Cpu, dir)
+}
+
+/// [`load_checkpoint`] onto `backend`'s device.
+pub fn load_checkpoint_on<B: Backend>(backend: B, dir: &Path) -> Result<(Gpt<B>, CheckpointMeta)> {
     let meta_path = dir.join(META_FILE);
     let meta_bytes = read(&meta_path)?;
     let version: serde_json::Value = serde_json::from_slice(&meta_bytes)
@@ -258,9 +283,9 @@ pub fn load_checkpoint(dir: &Path) -> Result<(Gpt, CheckpointMeta)> {
     cfg.validate()
         .map_err(|e| ck_err(&cfg_path, e.to_string()))?;
     let w_path = dir.join(WEIGHTS_FILE);
-    crate::memory::check_fits(
-        (cfg.num_params() as u64) * 12,
-        "weights, transposed copies and gradients of the checkpoint",
+    nanochat_compute::host::check_fits(
+        (cfg.num_params() as u64) * 4,
+        "the checkpoint's weights, read into host memory",
     )?;
     let weights = read(&w_path)?;
     let digest = hex::encode(Sha256::digest(&weights));
@@ -274,6 +299,6 @@ pub fn load_checkpoint(dir: &Path) -> Result<(Gpt, CheckpointMeta)> {
             ),
         ));
     }
-    let model = Gpt::from_safetensors(cfg, &weights, &w_path)?;
+    let model = Gpt::from_safetensors_on(backend, cfg, &weights, &w_path)?;
     Ok((model, meta))
 }

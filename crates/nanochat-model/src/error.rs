@@ -61,6 +61,9 @@ pub enum ModelError {
     /// A compute kernel rejected its arguments (a bug in this crate).
     #[error("kernel error: {0}")]
     Kernel(String),
+    /// The compute device failed or cannot be used (driver error, missing library).
+    #[error("{0}")]
+    Device(String),
 }
 
 fn available_note(available: Option<u64>) -> String {
@@ -87,11 +90,17 @@ impl ModelError {
     }
 }
 
-/// Allocates a zeroed `f32` buffer, turning allocation failure into an error instead of an abort.
-pub(crate) fn alloc_f32(len: usize, what: &str) -> Result<Vec<f32>> {
-    let mut v: Vec<f32> = Vec::new();
-    v.try_reserve_exact(len)
-        .map_err(|_| ModelError::oom(what, (len as u64) * 4, crate::memory::available_memory()))?;
-    v.resize(len, 0.0);
-    Ok(v)
+impl From<nanochat_compute::ComputeError> for ModelError {
+    fn from(e: nanochat_compute::ComputeError) -> Self {
+        use nanochat_compute::ComputeError as C;
+        match e {
+            C::OutOfMemory {
+                what,
+                needed_bytes,
+                available_bytes,
+            } => ModelError::oom(what, needed_bytes, available_bytes),
+            C::Kernel(msg) => ModelError::Kernel(msg),
+            other => ModelError::Device(other.to_string()),
+        }
+    }
 }

@@ -1,32 +1,61 @@
 //! KV cache and incremental (cached) forward for inference.
 
+use nanochat_compute::{Backend, Cpu, DecodeShape};
+
 use crate::config::GptConfig;
-use crate::error::{alloc_f32, ModelError, Result};
-use crate::kernels::{gemm_acc, gemm_set, matmul_wt_few_rows};
-use crate::model::Gpt;
-use crate::ops::{attention_cached, rmsnorm_fwd, rmsnorm_inplace, softcapped_ce_row};
-use crate::params::{layer_param, lm_head_index, FC, K, MLP_PROJ, PROJ, Q, V, WTE};
+use crate::error::{ModelError, Result};
+use crate::forward::{self, Attn};
+use crate::model::{upload_batch, Gpt};
+use crate::plan::{Activations, PassShape};
 
 /// Keys and values of past positions for a batch of independent rows (sequences), each with
-/// its own length. Layout `[layer][row][position][kv_head·head_dim]`.
-#[derive(Debug, Clone)]
-pub struct KvCache {
+/// its own length, on the model's device. Layout `[layer][row][position][kv_head·head_dim]`.
+/// It also keeps the buffers of the decode pass, so that a step allocates nothing once they
+/// have grown to the largest call.
+pub struct KvCache<B: Backend = Cpu> {
+    backend: B,
     n_layer: usize,
     kv_width: usize,
     rows: usize,
     capacity: usize,
     lens: Vec<usize>,
-    k: Vec<f32>,
-    v: Vec<f32>,
+    k: B::Buf,
+    v: B::Buf,
+    work: Option<DecodeWork<B>>,
+}
+
+/// The decode pass's buffers for up to `tokens` new tokens per call.
+struct DecodeWork<B: Backend> {
+    tokens: usize,
+    acts: Box<Activations<B::Buf, B::IBuf>>,
+    rows: B::IBuf,
+    kv_index: B::IBuf,
+}
+
+impl<B: Backend> std::fmt::Debug for KvCache<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvCache")
+            .field("rows", &self.rows)
+            .field("capacity", &self.capacity)
+            .field("lens", &self.lens)
+            .finish_non_exhaustive()
+    }
 }
 
 pub(crate) fn kv_cache_bytes(cfg: &GptConfig, rows: usize, capacity: usize) -> u64 {
     2 * 4 * (cfg.n_layer * rows * capacity * cfg.n_kv_head * cfg.head_dim()) as u64
 }
 
-impl KvCache {
-    /// An empty cache for `rows` sequences of up to `capacity` positions each.
+impl KvCache<Cpu> {
+    /// An empty CPU cache for `rows` sequences of up to `capacity` positions each.
     pub fn new(cfg: &GptConfig, rows: usize, capacity: usize) -> Result<Self> {
+        Self::new_on(Cpu, cfg, rows, capacity)
+    }
+}
+
+impl<B: Backend> KvCache<B> {
+    /// An empty cache on `backend` for `rows` sequences of up to `capacity` positions each.
+    pub fn new_on(backend: B, cfg: &GptConfig, rows: usize, capacity: usize) -> Result<Self> {
         if rows == 0 || capacity == 0 {
             return Err(ModelError::InvalidInput(format!(
                 "KV cache needs at least one row and one position (got {rows} × {capacity})"
@@ -38,17 +67,26 @@ impl KvCache {
                 cfg.max_positions()
             )));
         }
-        crate::memory::check_fits(kv_cache_bytes(cfg, rows, capacity), "KV cache")?;
+        let bytes = kv_cache_bytes(cfg, rows, capacity);
+        if let Some(avail) = backend.available_memory() {
+            if bytes > avail {
+                return Err(ModelError::oom("KV cache", bytes, Some(avail)));
+            }
+        }
         let kv_width = cfg.n_kv_head * cfg.head_dim();
         let len = cfg.n_layer * rows * capacity * kv_width;
+        let k = backend.alloc(len, "KV cache keys")?;
+        let v = backend.alloc(len, "KV cache values")?;
         Ok(KvCache {
+            backend,
             n_layer: cfg.n_layer,
             kv_width,
             rows,
             capacity,
             lens: vec![0; rows],
-            k: alloc_f32(len, "KV cache keys")?,
-            v: alloc_f32(len, "KV cache values")?,
+            k,
+            v,
+            work: None,
         })
     }
 
@@ -90,8 +128,10 @@ impl KvCache {
         let n = self.lens[src] * self.kv_width;
         for l in 0..self.n_layer {
             let (s, d) = (self.offset(l, src, 0), self.offset(l, dst, 0));
-            self.k.copy_within(s..s + n, d);
-            self.v.copy_within(s..s + n, d);
+            self.backend
+                .copy_within(B::view_mut(&mut self.k), s, d, n)?;
+            self.backend
+                .copy_within(B::view_mut(&mut self.v), s, d, n)?;
         }
         self.lens[dst] = self.lens[src];
         Ok(())
@@ -110,25 +150,45 @@ impl KvCache {
     fn offset(&self, layer: usize, row: usize, pos: usize) -> usize {
         ((layer * self.rows + row) * self.capacity + pos) * self.kv_width
     }
+
+    /// Buffers for a call of `tokens` new tokens (grown geometrically, never shrunk).
+    fn ensure_work(&mut self, model: &Gpt<B>, tokens: usize) -> Result<()> {
+        if self.work.as_ref().is_some_and(|w| w.tokens >= tokens) {
+            return Ok(());
+        }
+        let cap = tokens.next_power_of_two().max(16);
+        self.work = None;
+        let acts = model.new_acts(PassShape {
+            b: 1,
+            t: cap,
+            layers: 1,
+            with_grad: false,
+            causal: false,
+        })?;
+        self.work = Some(DecodeWork {
+            tokens: cap,
+            acts,
+            rows: self.backend.alloc_ints(cap, "decode rows")?,
+            kv_index: self.backend.alloc_ints(cap, "decode cache slots")?,
+        });
+        Ok(())
+    }
 }
 
-/// Up to this many new tokens, projections stream the `[out, in]` weights once (GEMV-like,
-/// parallel over output blocks); beyond, they run as GEMMs. Measured at depth 8 / vocab 65,536
-/// (`bench_engine`, 2 threads): the streaming path still wins at 12 rows, and a GEMM below
-/// one 16-row tile pays for a whole padded tile anyway.
-const FEW_ROWS: usize = 16;
+/// Host-side description of one cached call: which token goes where.
+struct CachedBatch {
+    tokens: Vec<u32>,
+    rows: Vec<i32>,
+    positions: Vec<i32>,
+    kv_index: Vec<i32>,
+    /// Index (into the call's tokens) of each entry's last token.
+    last: Vec<i32>,
+}
 
-impl Gpt {
-    fn linear_any(&self, i: usize, rows: usize, x: &[f32], y: &mut [f32], acc: bool) -> Result<()> {
-        let [out, inp] = self.specs[i].shape;
-        if rows <= FEW_ROWS {
-            matmul_wt_few_rows(rows, out, inp, x, &self.data[i], y, acc);
-            Ok(())
-        } else if acc {
-            gemm_acc(rows, out, inp, x, &self.wt[i], y)
-        } else {
-            gemm_set(rows, out, inp, x, &self.wt[i], y)
-        }
+impl<B: Backend> Gpt<B> {
+    /// An empty KV cache on this model's device.
+    pub fn new_kv_cache(&self, rows: usize, capacity: usize) -> Result<KvCache<B>> {
+        KvCache::new_on(self.backend.clone(), &self.cfg, rows, capacity)
     }
 
     /// Runs new tokens through the model, extending the cache. `batch` lists `(row, tokens)`
@@ -137,13 +197,11 @@ impl Gpt {
     /// in the order given: the same numbers a full forward over each row's sequence gives.
     pub fn forward_cached(
         &self,
-        cache: &mut KvCache,
+        cache: &mut KvCache<B>,
         batch: &[(usize, &[u32])],
     ) -> Result<Vec<f32>> {
-        // Run the whole step on a rayon worker: the ~15 small parallel loops per layer then
-        // start in-pool instead of each paying a cross-thread injection (which dominated
-        // single-token latency at small widths).
-        rayon::scope(|_| self.forward_cached_in_pool(cache, batch, false))
+        self.backend
+            .run_step(|| self.forward_cached_step(cache, batch, false))
     }
 
     /// Like [`Gpt::forward_cached`], but returns only the logits after each entry's last token:
@@ -152,18 +210,19 @@ impl Gpt {
     /// (that projection is `vocab * n_embd` per position, more than a whole layer).
     pub fn forward_cached_last(
         &self,
-        cache: &mut KvCache,
+        cache: &mut KvCache<B>,
         batch: &[(usize, &[u32])],
     ) -> Result<Vec<f32>> {
-        rayon::scope(|_| self.forward_cached_in_pool(cache, batch, true))
+        self.backend
+            .run_step(|| self.forward_cached_step(cache, batch, true))
     }
 
-    fn forward_cached_in_pool(
+    fn plan_cached(
         &self,
-        cache: &mut KvCache,
+        cache: &KvCache<B>,
         batch: &[(usize, &[u32])],
         last_only: bool,
-    ) -> Result<Vec<f32>> {
+    ) -> Result<CachedBatch> {
         let cfg = &self.cfg;
         if cache.n_layer != cfg.n_layer || cache.kv_width != cfg.n_kv_head * cfg.head_dim() {
             return Err(ModelError::InvalidInput(
@@ -171,7 +230,13 @@ impl Gpt {
             ));
         }
         let mut seen = vec![false; cache.rows];
-        let (mut toks, mut rows, mut positions) = (Vec::new(), Vec::new(), Vec::new());
+        let mut plan = CachedBatch {
+            tokens: Vec::new(),
+            rows: Vec::new(),
+            positions: Vec::new(),
+            kv_index: Vec::new(),
+            last: Vec::new(),
+        };
         for &(row, ts) in batch {
             cache.check_row(row)?;
             if std::mem::replace(&mut seen[row], true) {
@@ -199,83 +264,83 @@ impl Gpt {
                         cfg.vocab_size
                     )));
                 }
-                toks.push(tok);
-                rows.push(row);
-                positions.push(start + j);
+                let pos = start + j;
+                plan.tokens.push(tok);
+                plan.rows.push(row as i32);
+                plan.positions.push(pos as i32);
+                plan.kv_index.push((row * cache.capacity + pos) as i32);
+            }
+            if !ts.is_empty() {
+                plan.last.push(plan.tokens.len() as i32 - 1);
             }
         }
-        let m = toks.len();
+        Ok(plan)
+    }
+
+    fn forward_cached_step(
+        &self,
+        cache: &mut KvCache<B>,
+        batch: &[(usize, &[u32])],
+        last_only: bool,
+    ) -> Result<Vec<f32>> {
+        let plan = self.plan_cached(cache, batch, last_only)?;
+        let m = plan.tokens.len();
         if m == 0 {
             return Ok(Vec::new());
         }
-        let (c, d, h, hk) = (cfg.n_embd, cfg.head_dim(), cfg.n_head, cfg.n_kv_head);
-        let (kd, f, vp, vocab) = (hk * d, 4 * c, cfg.padded_vocab_size(), cfg.vocab_size);
-        let mut x = alloc_f32(m * c, "decode activations")?;
-        let mut xn = alloc_f32(m * c, "decode activations")?;
-        let mut q = alloc_f32(m * c, "decode activations")?;
-        let mut kn = alloc_f32(m * kd, "decode activations")?;
-        let mut vn = alloc_f32(m * kd, "decode activations")?;
-        let mut y = alloc_f32(m * c, "decode activations")?;
-        let mut hid = alloc_f32(m * f, "decode activations")?;
-        let mut rs = vec![0f32; m * h.max(1)];
-        let wte = &self.data[WTE];
-        for (row, &tok) in x.chunks_exact_mut(c).zip(&toks) {
-            row.copy_from_slice(&wte[tok as usize * c..(tok as usize + 1) * c]);
-        }
-        rmsnorm_fwd(&x, &mut xn, &mut rs[..m], c);
-        x.copy_from_slice(&xn);
-        for l in 0..cfg.n_layer {
-            rmsnorm_fwd(&x, &mut xn, &mut rs[..m], c);
-            self.linear_any(layer_param(l, Q), m, &xn, &mut q, false)?;
-            self.linear_any(layer_param(l, K), m, &xn, &mut kn, false)?;
-            self.linear_any(layer_param(l, V), m, &xn, &mut vn, false)?;
-            self.rope.apply(&mut q, h, &positions, false);
-            self.rope.apply(&mut kn, hk, &positions, false);
-            rmsnorm_inplace(&mut q, &mut rs[..m * h], d);
-            rmsnorm_inplace(&mut kn, &mut rs[..m * hk], d);
-            for i in 0..m {
-                let o = cache.offset(l, rows[i], positions[i]);
-                cache.k[o..o + kd].copy_from_slice(&kn[i * kd..(i + 1) * kd]);
-                cache.v[o..o + kd].copy_from_slice(&vn[i * kd..(i + 1) * kd]);
-            }
-            {
-                let cache_ref = &*cache;
-                let kv_row = |r: usize| {
-                    let o = cache_ref.offset(l, r, 0);
-                    let n = cache_ref.capacity * kd;
-                    (&cache_ref.k[o..o + n], &cache_ref.v[o..o + n])
-                };
-                attention_cached(h, hk, d, &q, &positions, &rows, &kv_row, &mut y);
-            }
-            self.linear_any(layer_param(l, PROJ), m, &y, &mut x, true)?;
-            rmsnorm_fwd(&x, &mut xn, &mut rs[..m], c);
-            self.linear_any(layer_param(l, FC), m, &xn, &mut hid, false)?;
-            hid.iter_mut().for_each(|v| {
-                let r = v.max(0.0);
-                *v = r * r;
-            });
-            self.linear_any(layer_param(l, MLP_PROJ), m, &hid, &mut x, true)?;
-        }
-        rmsnorm_fwd(&x, &mut xn, &mut rs[..m], c);
-        // Only the positions whose logits are wanted go through lm_head.
-        let (xn, m) = if last_only {
-            let mut last = Vec::with_capacity(batch.len() * c);
-            let mut end = 0;
-            for &(_, ts) in batch {
-                end += ts.len();
-                last.extend_from_slice(&xn[(end - 1) * c..end * c]);
-            }
-            (last, batch.len())
-        } else {
-            (xn, m)
+        let cfg = &self.cfg;
+        let prec = self.backend.decode_precision(self.precision);
+        cache.ensure_work(self, m)?;
+        let capacity = cache.capacity;
+        let layer_len = cache.rows * capacity * cache.kv_width;
+        let (k_all, v_all) = (&mut cache.k, &mut cache.v);
+        let work = cache
+            .work
+            .as_mut()
+            .ok_or_else(|| ModelError::Kernel("decode buffers missing".into()))?;
+        let be = &self.backend;
+        upload_batch(be, &mut work.acts, &plan.tokens, &[])?;
+        be.upload_ints(&plan.positions, &mut work.acts.pos)?;
+        be.upload_ints(&plan.rows, &mut work.rows)?;
+        be.upload_ints(&plan.kv_index, &mut work.kv_index)?;
+        let w = self.weights(prec)?;
+        let a = &mut *work.acts;
+        let c = cfg.n_embd;
+        let idx = B::islice(B::iview(&a.idx), 0..m);
+        forward::embed(&w, idx, &mut a.x, &mut a.xn0, &mut a.rstd0, m)?;
+        let shape = DecodeShape {
+            h: cfg.n_head,
+            hk: cfg.n_kv_head,
+            d: cfg.head_dim(),
+            capacity,
         };
-        let mut logits = alloc_f32(m * vp, "logits")?;
-        self.linear_any(lm_head_index(cfg), m, &xn, &mut logits, false)?;
-        let mut out = alloc_f32(m * vocab, "logits")?;
-        for (o, row) in out.chunks_exact_mut(vocab).zip(logits.chunks_exact_mut(vp)) {
-            softcapped_ce_row(row, vocab, -1, cfg.softcap, None, &mut []);
-            o.copy_from_slice(&row[..vocab]);
+        let pos = B::islice(B::iview(&a.pos), 0..m);
+        let la = &mut a.layers[0];
+        for l in 0..cfg.n_layer {
+            let range = l * layer_len..(l + 1) * layer_len;
+            let attn = Attn::Cached {
+                shape,
+                k_cache: B::slice_mut(B::view_mut(k_all), range.clone()),
+                v_cache: B::slice_mut(B::view_mut(v_all), range),
+                kv_index: B::islice(B::iview(&work.kv_index), 0..m),
+                rows: B::islice(B::iview(&work.rows), 0..m),
+            };
+            forward::block(&w, l, &mut a.x, la, m, pos, attn, prec)?;
         }
+        be.rmsnorm(
+            B::slice(B::view(&a.x), 0..m * c),
+            B::slice_mut(B::view_mut(&mut a.xf), 0..m * c),
+            B::slice_mut(B::view_mut(&mut a.rstdf), 0..m),
+            c,
+        )?;
+        let n_out = if last_only {
+            forward::select_rows(&w, a, &plan.last)?;
+            plan.last.len()
+        } else {
+            m
+        };
+        let mut out = vec![0.0; n_out * cfg.vocab_size];
+        forward::head_eval(&w, a, n_out, Some(&mut out), prec)?;
         for &(row, ts) in batch {
             cache.lens[row] += ts.len();
         }

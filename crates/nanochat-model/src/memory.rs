@@ -3,8 +3,10 @@
 
 use crate::config::GptConfig;
 use crate::error::{ModelError, Result};
-use crate::kernels::MatmulPrecision;
-use crate::params::{param_specs, ParamGroup};
+use nanochat_compute::{Backend, Cpu, Precision as MatmulPrecision, ScratchShape};
+
+use crate::params::{param_layout, param_specs, ParamGroup};
+use crate::plan::{logit_chunk_rows, PassShape};
 
 /// What the memory is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,18 +35,20 @@ pub enum Workload {
 pub struct MemoryEstimate {
     /// f32 master weights.
     pub weights: u64,
-    /// The transposed weight copies the GEMMs read.
-    pub weight_copies: u64,
+    /// The backend's derived forms of the weights: on the CPU the transposed copies the GEMMs
+    /// read and, with bf16 matmuls, every weight packed for the bf16 kernel (rebuilt each
+    /// optimizer step); on a GPU the bf16 copy the tensor cores read.
+    pub weight_cache: u64,
     /// Gradients (training).
     pub grads: u64,
     /// Optimizer state as the reference keeps it: AdamW's two moments for the embedding and
     /// lm_head, Muon's momentum for every block matrix (training).
     pub optimizer_state: u64,
-    /// bf16 matmuls (training): the weights packed once per optimizer step for the forward and
-    /// backward GEMMs, plus each thread's pack buffers for the operands packed per call.
-    pub bf16_packs: u64,
-    /// Activations and scratch for one micro-batch (training) or one prefill (inference).
+    /// Activations for one micro-batch (training) or one prefill (inference), from the same
+    /// table the model allocates from.
     pub activations: u64,
+    /// Scratch the ops keep for themselves (GEMM operand packs, attention work buffers).
+    pub scratch: u64,
     /// Key/value cache (inference).
     pub kv_cache: u64,
 }
@@ -53,30 +57,39 @@ impl MemoryEstimate {
     /// Sum of every part.
     pub fn total(&self) -> u64 {
         self.weights
-            + self.weight_copies
+            + self.weight_cache
             + self.grads
             + self.optimizer_state
-            + self.bf16_packs
             + self.activations
+            + self.scratch
             + self.kv_cache
     }
 }
 
-/// Estimates the bytes a workload needs, from the same buffer sizes the model allocates.
+/// Estimates the bytes a workload needs on the CPU (see [`estimate_memory_on`]).
 pub fn estimate_memory(cfg: &GptConfig, workload: Workload) -> MemoryEstimate {
+    estimate_memory_on(&Cpu, cfg, workload)
+}
+
+/// Estimates the bytes a workload needs on `backend`, from the same buffer tables the model
+/// and the backend allocate from.
+pub fn estimate_memory_on<B: Backend>(
+    backend: &B,
+    cfg: &GptConfig,
+    workload: Workload,
+) -> MemoryEstimate {
     let specs = param_specs(cfg);
-    let numel = |g: Option<ParamGroup>| -> u64 {
+    let (layout, flat) = param_layout(&specs);
+    let numel = |g: ParamGroup| -> u64 {
         specs
             .iter()
-            .filter(|s| g.is_none_or(|g| s.group == g))
+            .filter(|s| s.group == g)
             .map(|s| (s.shape[0] * s.shape[1]) as u64)
             .sum()
     };
-    let all = numel(None);
-    let wte = numel(Some(ParamGroup::Embedding));
+    let wte = numel(ParamGroup::Embedding);
     let mut e = MemoryEstimate {
-        weights: 4 * all,
-        weight_copies: 4 * (all - wte),
+        weights: 4 * flat as u64,
         ..Default::default()
     };
     match workload {
@@ -85,52 +98,55 @@ pub fn estimate_memory(cfg: &GptConfig, workload: Workload) -> MemoryEstimate {
             seq,
             precision,
         } => {
-            e.grads = 4 * all;
+            e.weight_cache = backend.weight_cache_bytes(&layout, precision);
+            e.grads = 4 * flat as u64;
             e.optimizer_state =
-                4 * (2 * (wte + numel(Some(ParamGroup::LmHead))) + numel(Some(ParamGroup::Matrix)));
-            e.activations = 4 * crate::model::activation_floats(cfg, batch, seq, true) as u64;
-            if precision == MatmulPrecision::Bf16 {
-                e.bf16_packs = crate::model::bf16_pack_bytes(cfg, batch * seq);
-            }
+                4 * (2 * (wte + numel(ParamGroup::LmHead)) + numel(ParamGroup::Matrix));
+            let pass = PassShape {
+                b: batch,
+                t: seq,
+                layers: cfg.n_layer,
+                with_grad: true,
+                causal: true,
+            };
+            e.activations = crate::plan::activation_bytes(cfg, pass);
+            let vp = cfg.padded_vocab_size();
+            e.scratch = backend.scratch_bytes(ScratchShape {
+                rows: batch * seq,
+                t: seq,
+                heads: cfg.n_head,
+                head_dim: cfg.head_dim(),
+                width: cfg.n_embd,
+                vocab: vp,
+                logit_rows: logit_chunk_rows(vp, batch * seq, true),
+                precision,
+            });
         }
         Workload::Inference { rows, capacity } => {
+            e.weight_cache = backend.weight_cache_bytes(&layout, MatmulPrecision::F32);
             e.kv_cache = crate::kv_cache::kv_cache_bytes(cfg, rows, capacity);
-            // Prefilling one full row: per-token buffers plus its logits.
-            let per_token =
-                8 * cfg.n_embd + 2 * cfg.n_kv_head * cfg.head_dim() + cfg.padded_vocab_size();
-            e.activations = 4 * (capacity * per_token) as u64;
+            // Prefilling one full row through the decode buffers.
+            let pass = PassShape {
+                b: 1,
+                t: capacity,
+                layers: 1,
+                with_grad: false,
+                causal: false,
+            };
+            e.activations = crate::plan::activation_bytes(cfg, pass);
         }
     }
     e
 }
 
-/// Bytes the OS says a new allocation can use: `MemAvailable` from /proc/meminfo, capped by a
-/// cgroup v2 limit when one is set. `None` where that is unknown (non-Linux).
+/// Bytes the OS says a new host allocation can use (see
+/// [`nanochat_compute::host::available_memory`]).
 pub fn available_memory() -> Option<u64> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let avail = meminfo
-        .lines()
-        .find(|l| l.starts_with("MemAvailable:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse::<u64>()
-        .ok()?
-        * 1024;
-    let cgroup = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
-        .ok()
-        .and_then(|s| s.trim().parse::<u64>().ok());
-    let used = std::fs::read_to_string("/sys/fs/cgroup/memory.current")
-        .ok()
-        .and_then(|s| s.trim().parse::<u64>().ok());
-    Some(match (cgroup, used) {
-        (Some(max), Some(cur)) => avail.min(max.saturating_sub(cur)),
-        _ => avail,
-    })
+    nanochat_compute::host::available_memory()
 }
 
-/// Errors when `bytes` exceed the available memory.
-pub(crate) fn check_fits(bytes: u64, what: &str) -> Result<()> {
-    match available_memory() {
+fn check_fits_on<B: Backend>(backend: &B, bytes: u64, what: &str) -> Result<()> {
+    match backend.available_memory() {
         Some(avail) if bytes > avail => Err(ModelError::oom(what, bytes, Some(avail))),
         _ => Ok(()),
     }
@@ -139,15 +155,31 @@ pub(crate) fn check_fits(bytes: u64, what: &str) -> Result<()> {
 /// Checks a whole workload up front; the error names the total and its largest part.
 pub fn check_workload(cfg: &GptConfig, workload: Workload) -> Result<MemoryEstimate> {
     let e = estimate_memory(cfg, workload);
-    check_fits(e.total(), &format!("{workload:?} for this model ({e:?})"))?;
+    check_fits_on(
+        &Cpu,
+        e.total(),
+        &format!("{workload:?} for this model ({e:?})"),
+    )?;
     Ok(e)
 }
 
-/// Checks, for a model that is already loaded (its weights and weight copies held), that the
-/// rest of a training run fits: gradients, optimizer state, bf16 packs and the activations of a
-/// `batch × seq` micro-batch. Training calls this before the first large allocation, so a
-/// config that cannot fit fails at once with the whole bill, not mid-step.
+/// Checks on the CPU (see [`check_training_on`]).
 pub fn check_training(
+    cfg: &GptConfig,
+    batch: usize,
+    seq: usize,
+    precision: MatmulPrecision,
+) -> Result<MemoryEstimate> {
+    check_training_on(&Cpu, cfg, batch, seq, precision)
+}
+
+/// Checks, for a model that is already loaded on `backend` (its weights held), that the rest of
+/// a training run fits there: gradients, optimizer state, the weights' derived forms, the
+/// activations of a `batch × seq` micro-batch and the ops' scratch. Training calls this before
+/// the first large allocation, so a config that cannot fit fails at once with the whole bill,
+/// not mid-step.
+pub fn check_training_on<B: Backend>(
+    backend: &B,
     cfg: &GptConfig,
     batch: usize,
     seq: usize,
@@ -158,9 +190,10 @@ pub fn check_training(
         seq,
         precision,
     };
-    let e = estimate_memory(cfg, workload);
-    let rest = e.total() - e.weights - e.weight_copies;
-    check_fits(
+    let e = estimate_memory_on(backend, cfg, workload);
+    let rest = e.total() - e.weights;
+    check_fits_on(
+        backend,
         rest,
         &format!("training state for micro-batches of {batch}×{seq} tokens ({e:?})"),
     )?;
@@ -181,14 +214,23 @@ mod tests {
             precision,
         };
         let t = estimate_memory(&cfg, training(MatmulPrecision::F32));
-        assert_eq!(t.weights, 4 * n);
-        assert_eq!(t.grads, 4 * n);
-        assert!(t.activations > 0 && t.kv_cache == 0 && t.bf16_packs == 0);
-        // bf16: two packed copies of every matmul weight (≥ 2 bytes per element each) on top.
+        assert!(
+            t.weights >= 4 * n && t.weights < 4 * n + 4 * 64 * 64,
+            "{t:?}"
+        );
+        assert_eq!(t.grads, t.weights);
+        assert!(t.activations > 0 && t.kv_cache == 0);
+        // bf16: two packed copies of every matmul weight (≥ 2 bytes per element each) on top
+        // of the transposed copies, and per-thread operand packs.
         let t16 = estimate_memory(&cfg, training(MatmulPrecision::Bf16));
         let wte = (cfg.padded_vocab_size() * cfg.n_embd) as u64;
-        assert!(t16.bf16_packs >= 4 * (n - wte), "{t16:?}");
-        assert_eq!(t16.total(), t.total() + t16.bf16_packs);
+        assert_eq!(t.weight_cache, 4 * (n - wte));
+        assert!(
+            t16.weight_cache >= t.weight_cache + 4 * (n - wte),
+            "{t16:?}"
+        );
+        assert!(t16.scratch > t.scratch, "{t16:?}");
+        assert_eq!(t16.activations, t.activations);
         let i = estimate_memory(
             &cfg,
             Workload::Inference {

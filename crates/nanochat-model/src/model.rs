@@ -1,19 +1,16 @@
-//! The GPT: parameters, reference initialisation, training forward/backward, full-batch logits.
+//! The GPT: parameters in flat backend buffers, the reference initialisation, and the public
+//! training and evaluation entry points (the passes themselves are in `forward.rs`).
 
+use std::sync::{Mutex, RwLock, RwLockReadGuard};
+
+use nanochat_compute::{Backend, Cpu, Precision, WeightSlot};
 use rayon::prelude::*;
 
 use crate::config::GptConfig;
-use crate::error::{alloc_f32, ModelError, Result};
-use crate::kernels::bf16::{gemm_bf16_prepacked_with, GemmOpts, Op, PackedB};
-use crate::kernels::{has_avx2, matmul_nn, matmul_tn_acc, transpose, MatmulPrecision};
-use crate::ops::{
-    attention_bwd, attention_fwd, rmsnorm_bwd, rmsnorm_bwd_inplace, rmsnorm_fwd, rmsnorm_inplace,
-    softcapped_ce_row, with_task_scratch, AttnShape, Rope,
-};
-use crate::params::{
-    layer_param, lm_head_index, param_specs, ParamGroup, ParamSpec, FC, K, MLP_PROJ, PROJ, Q, V,
-    WTE,
-};
+use crate::error::{ModelError, Result};
+use crate::forward::{self, Weights};
+use crate::params::{param_layout, param_specs, ParamGroup, ParamSpec};
+use crate::plan::{Activations, PassShape};
 use crate::rng::Rng;
 
 /// How per-token losses are combined (as `F.cross_entropy`'s `reduction`).
@@ -25,7 +22,7 @@ pub enum Reduction {
     Sum,
 }
 
-/// Read access to one parameter.
+/// Read access to one parameter (CPU models).
 #[derive(Debug)]
 pub struct ParamRef<'a> {
     /// The reference's state_dict name.
@@ -55,315 +52,319 @@ pub struct ParamMut<'a> {
     pub grad: &'a mut [f32],
 }
 
-/// Rows of the logits matrix materialised at once in the fused lm_head + loss: bounds the
-/// logits memory whatever the batch (PyTorch holds all of them, several times over). With
-/// gradients, ~128 MB: every chunk streams the whole lm_head weight for `dX` and re-reads and
-/// re-writes its whole gradient for `dW`, so 1024 rows instead of 256 at vocab 32768 made the
-/// d8 bf16 step 5–9% faster. Forward-only (evaluation, whose buffers are allocated per
-/// call), ~32 MB: no weight gradient to amortize, and fresh pages cost page faults.
-fn logit_chunk_rows(padded_vocab: usize, rows: usize, with_grad: bool) -> usize {
-    let budget = if with_grad { 32 << 20 } else { 8 << 20 };
-    (budget / padded_vocab).clamp(64, 1024).min(rows).max(1)
+/// The backend's derived weights and whether they still match the parameters.
+pub(crate) struct WeightState<B: Backend> {
+    pub(crate) cache: Option<B::WeightCache>,
+    /// The cache was built for these weights at this precision.
+    pub(crate) fresh: Option<Precision>,
 }
 
-struct LayerActs {
-    xn1: Vec<f32>,
-    rstd1: Vec<f32>,
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
-    rstd_q: Vec<f32>,
-    rstd_k: Vec<f32>,
-    yatt: Vec<f32>,
-    lse: Vec<f32>,
-    xn2: Vec<f32>,
-    rstd2: Vec<f32>,
-    hpre: Vec<f32>,
-    act: Vec<f32>,
-}
+type Acts<B> = Activations<<B as Backend>::Buf, <B as Backend>::IBuf>;
 
-/// Activation and scratch buffers for one (batch, seq) shape, allocated once and reused.
-pub(crate) struct Activations {
-    b: usize,
-    t: usize,
-    with_grad: bool,
-    x: Vec<f32>,
-    xn0: Vec<f32>,
-    rstd0: Vec<f32>,
-    layers: Vec<LayerActs>,
-    xf: Vec<f32>,
-    rstdf: Vec<f32>,
-    pos: Vec<usize>,
-    /// Rows of `logits` per chunk of the fused lm_head + loss.
-    logit_rows: usize,
-    logits: Vec<f32>,
-    // backward only
-    dx: Vec<f32>,
-    dxn: Vec<f32>,
-    dya: Vec<f32>,
-    dq: Vec<f32>,
-    dk: Vec<f32>,
-    dv: Vec<f32>,
-    dh: Vec<f32>,
-    tscratch: Vec<f32>,
-}
-
-/// Float counts of every activation buffer: the single source of truth for allocation and for
-/// the memory estimate.
-/// Bytes of the bf16 matmul packs for training on micro-batches of `tokens` tokens: every
-/// matmul weight packed twice (forward `Wᵀ`, backward `W`), plus per thread the pool of
-/// operand packs a GEMM call fills (the largest A, the lm_head's `dlogits` chunk, and the
-/// largest B, the MLP activations).
-pub(crate) fn bf16_pack_bytes(cfg: &GptConfig, tokens: usize) -> u64 {
-    let weights = weight_pack_bytes(&crate::params::param_specs(cfg));
-    let vp = cfg.padded_vocab_size();
-    let chunk = logit_chunk_rows(vp, tokens, true);
-    let per_thread = PackedB::bytes_for(chunk, vp) + PackedB::bytes_for(tokens, 4 * cfg.n_embd);
-    weights + rayon::current_num_threads() as u64 * per_thread
-}
-
-/// Bytes of [`Gpt::bf16_packs`]: both packed forms of every matmul weight (all but the
-/// token embedding, which is a lookup).
-fn weight_pack_bytes(specs: &[ParamSpec]) -> u64 {
-    specs
-        .iter()
-        .filter(|s| s.group != crate::params::ParamGroup::Embedding)
-        .map(|s| {
-            let [out, inp] = s.shape;
-            PackedB::bytes_for(inp, out) + PackedB::bytes_for(out, inp)
-        })
-        .sum()
-}
-
-pub(crate) fn activation_floats(cfg: &GptConfig, b: usize, t: usize, with_grad: bool) -> usize {
-    let (n, c) = (b * t, cfg.n_embd);
-    let kd = cfg.n_kv_head * cfg.head_dim();
-    let f = 4 * c;
-    let vp = cfg.padded_vocab_size();
-    let per_layer = n * c
-        + n
-        + n * c
-        + 2 * n * kd
-        + n * cfg.n_head
-        + n * cfg.n_kv_head
-        + n * c
-        + b * cfg.n_head * t
-        + n * c
-        + n
-        + 2 * n * f;
-    let base =
-        3 * n * c + 2 * n + cfg.n_layer * per_layer + logit_chunk_rows(vp, n, with_grad) * vp;
-    let pos_floats = n * std::mem::size_of::<usize>() / 4;
-    let grad = if with_grad {
-        3 * n * c + n * c + 2 * n * kd + n * f + tscratch_len(cfg, n)
-    } else {
-        0
-    };
-    base + pos_floats + grad
-}
-
-fn tscratch_len(cfg: &GptConfig, n: usize) -> usize {
-    let vp = cfg.padded_vocab_size();
-    (4 * cfg.n_embd * n).max(vp * logit_chunk_rows(vp, n, true))
-}
-
-impl Activations {
-    fn new(cfg: &GptConfig, b: usize, t: usize, with_grad: bool) -> Result<Self> {
-        let (n, c) = (b * t, cfg.n_embd);
-        let kd = cfg.n_kv_head * cfg.head_dim();
-        let f = 4 * c;
-        let vp = cfg.padded_vocab_size();
-        let a = |len: usize, what: &str| alloc_f32(len, what);
-        let g = |len: usize, what: &str| {
-            if with_grad {
-                alloc_f32(len, what)
-            } else {
-                Ok(Vec::new())
-            }
-        };
-        let mut layers = Vec::with_capacity(cfg.n_layer);
-        for _ in 0..cfg.n_layer {
-            layers.push(LayerActs {
-                xn1: a(n * c, "activations")?,
-                rstd1: a(n, "activations")?,
-                q: a(n * c, "activations")?,
-                k: a(n * kd, "activations")?,
-                v: a(n * kd, "activations")?,
-                rstd_q: a(n * cfg.n_head, "activations")?,
-                rstd_k: a(n * cfg.n_kv_head, "activations")?,
-                yatt: a(n * c, "activations")?,
-                lse: a(b * cfg.n_head * t, "activations")?,
-                xn2: a(n * c, "activations")?,
-                rstd2: a(n, "activations")?,
-                hpre: a(n * f, "activations")?,
-                act: a(n * f, "activations")?,
-            });
-        }
-        Ok(Activations {
-            b,
-            t,
-            with_grad,
-            x: a(n * c, "activations")?,
-            xn0: a(n * c, "activations")?,
-            rstd0: a(n, "activations")?,
-            layers,
-            xf: a(n * c, "activations")?,
-            rstdf: a(n, "activations")?,
-            pos: (0..n).map(|i| i % t).collect(),
-            logit_rows: logit_chunk_rows(vp, n, with_grad),
-            logits: a(logit_chunk_rows(vp, n, with_grad) * vp, "logits")?,
-            dx: g(n * c, "gradient scratch")?,
-            dxn: g(n * c, "gradient scratch")?,
-            dya: g(n * c, "gradient scratch")?,
-            dq: g(n * c, "gradient scratch")?,
-            dk: g(n * kd, "gradient scratch")?,
-            dv: g(n * kd, "gradient scratch")?,
-            dh: g(n * f, "gradient scratch")?,
-            tscratch: g(tscratch_len(cfg, n), "gradient scratch")?,
-        })
-    }
-
-    fn fits(&self, b: usize, t: usize, with_grad: bool) -> bool {
-        self.b == b && self.t == t && (self.with_grad || !with_grad)
-    }
-}
-
-/// The nanochat GPT with f32 master weights.
-pub struct Gpt {
+/// The nanochat GPT with f32 master weights, on backend `B` (the CPU by default).
+pub struct Gpt<B: Backend = Cpu> {
+    pub(crate) backend: B,
     pub(crate) cfg: GptConfig,
     pub(crate) specs: Vec<ParamSpec>,
-    pub(crate) data: Vec<Vec<f32>>,
-    grads: Vec<Vec<f32>>,
-    /// `[in, out]` copies of every linear weight (empty for wte), kept in sync by every
-    /// mutation path, so that `x·Wᵀ` is one NN GEMM.
-    pub(crate) wt: Vec<Vec<f32>>,
-    pub(crate) rope: Rope,
-    acts: Option<Box<Activations>>,
-    precision: MatmulPrecision,
-    /// With bf16 matmuls: every linear weight packed once for the bf16 kernel, in its `[in,
-    /// out]` form (forward `x·Wᵀ`) and its `[out, in]` form (backward `dY·W`). Weights change
-    /// only at optimizer steps, but a micro-batch multiplies each several times (the lm_head
-    /// once per row chunk, forward and backward), so packing per call would re-read and
-    /// re-convert them each time. Dropped whenever the weights change; costs 4 bytes/weight.
-    bf16_packs: Option<Vec<Option<(PackedB, PackedB)>>>,
+    /// Where each parameter sits in `params` and `grads`.
+    pub(crate) layout: Vec<WeightSlot>,
+    /// Every parameter, one flat buffer (offsets aligned, gaps zero).
+    pub(crate) params: B::Buf,
+    /// Accumulated gradients, same layout; `None` after [`Gpt::release_training_state`].
+    pub(crate) grads: Option<B::Buf>,
+    /// Rotary tables `[max_positions, head_dim/2]`.
+    pub(crate) rope_cos: B::Buf,
+    pub(crate) rope_sin: B::Buf,
+    pub(crate) weights: RwLock<WeightState<B>>,
+    pub(crate) precision: Precision,
+    /// Buffers of the last `&mut self` pass (training), reused while the shape holds.
+    acts: Option<Box<Acts<B>>>,
+    /// Buffers of the last `&self` forward pass (evaluation), reused likewise: fresh buffers
+    /// per call meant fresh pages, and page faults were a tenth of CORE's time.
+    eval_acts: Mutex<Option<Box<Acts<B>>>>,
 }
 
-impl std::fmt::Debug for Gpt {
+impl<B: Backend> std::fmt::Debug for Gpt<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Gpt")
             .field("cfg", &self.cfg)
+            .field("device", &self.backend.describe())
             .finish_non_exhaustive()
     }
 }
 
-impl Gpt {
-    /// A model with the reference's initialisation, reproducible from `seed`:
-    /// wte ~ N(0, 1), lm_head ~ N(0, 0.001²), c_q/c_k/c_v/c_fc ~ U(±√3/√n_embd),
-    /// both output projections zero. Each tensor draws from its own stream.
+/// Rotary tables `[positions, head_dim/2]`, computed in f64 then rounded once to f32. (The
+/// reference rounds them to bf16 for speed; the fixtures pin the exact math, as do we.)
+fn rope_tables(positions: usize, head_dim: usize, base: f64) -> (Vec<f32>, Vec<f32>) {
+    let half = head_dim / 2;
+    let mut cos = Vec::with_capacity(positions * half);
+    let mut sin = Vec::with_capacity(positions * half);
+    for t in 0..positions {
+        for i in 0..half {
+            let inv_freq = 1.0 / base.powf((2 * i) as f64 / head_dim as f64);
+            let f = t as f64 * inv_freq;
+            cos.push(f.cos() as f32);
+            sin.push(f.sin() as f32);
+        }
+    }
+    (cos, sin)
+}
+
+/// The reference initialisation of one tensor from its own stream.
+fn init_tensor(spec: &ParamSpec, index: usize, seed: u64, bound: f64) -> Vec<f32> {
+    let mut rng = Rng::new(seed, index as u64);
+    let len = spec.shape[0] * spec.shape[1];
+    match spec.group {
+        ParamGroup::Embedding => (0..len).map(|_| rng.normal() as f32).collect(),
+        ParamGroup::LmHead => (0..len).map(|_| (0.001 * rng.normal()) as f32).collect(),
+        ParamGroup::Matrix if spec.name.ends_with("c_proj.weight") => vec![0.0; len],
+        ParamGroup::Matrix => (0..len)
+            .map(|_| (bound * (2.0 * rng.uniform() - 1.0)) as f32)
+            .collect(),
+    }
+}
+
+impl Gpt<Cpu> {
+    /// A CPU model with the reference's initialisation, reproducible from `seed` (see
+    /// [`Gpt::new_on`]).
     pub fn new(cfg: GptConfig, seed: u64) -> Result<Self> {
-        let mut model = Self::zeros(cfg)?;
-        let bound = (3.0f64).sqrt() / (model.cfg.n_embd as f64).sqrt();
-        let specs = model.specs.clone();
-        model
-            .data
-            .par_iter_mut()
-            .zip(specs.par_iter())
-            .enumerate()
-            .for_each(|(i, (d, spec))| {
-                let mut rng = Rng::new(seed, i as u64);
-                match spec.group {
-                    ParamGroup::Embedding => d.iter_mut().for_each(|x| *x = rng.normal() as f32),
-                    ParamGroup::LmHead => d
-                        .iter_mut()
-                        .for_each(|x| *x = (0.001 * rng.normal()) as f32),
-                    ParamGroup::Matrix => {
-                        if spec.name.ends_with("c_proj.weight") {
-                            d.fill(0.0);
-                        } else {
-                            d.iter_mut()
-                                .for_each(|x| *x = (bound * (2.0 * rng.uniform() - 1.0)) as f32);
-                        }
-                    }
-                }
+        Self::new_on(Cpu, cfg, seed)
+    }
+
+    /// Every parameter with its gradient, in state_dict order.
+    pub fn params(&self) -> impl Iterator<Item = ParamRef<'_>> {
+        let grads = self.grads.as_deref().unwrap_or(&[]);
+        self.specs
+            .iter()
+            .zip(&self.layout)
+            .map(move |(s, slot)| ParamRef {
+                name: &s.name,
+                shape: s.shape,
+                group: s.group,
+                data: &self.params[slot.range()],
+                grad: grads.get(slot.range()).unwrap_or(&[]),
+            })
+    }
+
+    /// One parameter by name.
+    pub fn param(&self, name: &str) -> Option<ParamRef<'_>> {
+        self.params().find(|p| p.name == name)
+    }
+
+    /// Mutable access to every parameter and its gradient. The weights' derived forms are
+    /// rebuilt before the next pass, so updates take effect. (Allocates the gradients if
+    /// [`Gpt::release_training_state`] freed them.)
+    pub fn params_mut(&mut self) -> ParamsMut<'_> {
+        if self.grads.is_none() {
+            // Host allocation of a zeroed vector: failure here is the same abort `vec!` would be.
+            self.grads = Some(vec![0.0; self.params.len()]);
+        }
+        self.weights.get_mut().map(|w| w.fresh = None).ok();
+        ParamsMut { model: self }
+    }
+
+    /// The flat gradient buffer (every parameter's gradient at its layout offset), e.g. for a
+    /// collective to average across ranks.
+    pub fn grads_flat_mut(&mut self) -> Option<&mut [f32]> {
+        self.grads.as_deref_mut()
+    }
+}
+
+/// Guard from [`Gpt::params_mut`].
+pub struct ParamsMut<'a> {
+    model: &'a mut Gpt<Cpu>,
+}
+
+impl ParamsMut<'_> {
+    /// Every parameter, mutable, in state_dict order.
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = ParamMut<'_>> {
+        let m = &mut *self.model;
+        let grads = m.grads.as_deref_mut().unwrap_or(&mut []);
+        let mut data_rest: &mut [f32] = &mut m.params;
+        let mut grad_rest: &mut [f32] = grads;
+        let mut consumed = 0;
+        let mut out = Vec::with_capacity(m.specs.len());
+        for (s, slot) in m.specs.iter().zip(&m.layout) {
+            let skip = slot.offset - consumed;
+            let (_, d) = std::mem::take(&mut data_rest).split_at_mut(skip);
+            let (data, d) = d.split_at_mut(slot.len());
+            data_rest = d;
+            let (_, g) = std::mem::take(&mut grad_rest).split_at_mut(skip);
+            let (grad, g) = g.split_at_mut(slot.len());
+            grad_rest = g;
+            consumed = slot.offset + slot.len();
+            out.push(ParamMut {
+                name: &s.name,
+                shape: s.shape,
+                group: s.group,
+                data,
+                grad,
             });
-        model.sync_transposed();
+        }
+        out.into_iter()
+    }
+
+    /// One parameter by name.
+    pub fn get_mut(&mut self, name: &str) -> Option<ParamMut<'_>> {
+        self.iter_mut().find(|p| p.name == name)
+    }
+}
+
+/// What an optimizer step works on: the parameters (mutable), their gradients, and where each
+/// parameter sits. Taking it marks the weights' derived forms stale.
+pub struct StepViews<'a, B: Backend> {
+    /// The device.
+    pub backend: &'a B,
+    /// The flat parameter buffer.
+    pub params: B::ViewMut<'a>,
+    /// The flat gradient buffer.
+    pub grads: B::View<'a>,
+    /// Each parameter's place in both.
+    pub layout: &'a [WeightSlot],
+    /// Each parameter's name, shape and group.
+    pub specs: &'a [ParamSpec],
+}
+
+impl<B: Backend> Gpt<B> {
+    /// A model on `backend` with the reference's initialisation, reproducible from `seed`:
+    /// wte ~ N(0, 1), lm_head ~ N(0, 0.001²), c_q/c_k/c_v/c_fc ~ U(±√3/√n_embd), both output
+    /// projections zero. Each tensor draws from its own stream, so the weights do not depend
+    /// on the device.
+    pub fn new_on(backend: B, cfg: GptConfig, seed: u64) -> Result<Self> {
+        let mut model = Self::zeros_on(backend, cfg)?;
+        let bound = (3.0f64).sqrt() / (model.cfg.n_embd as f64).sqrt();
+        let tensors: Vec<Vec<f32>> = model
+            .specs
+            .par_iter()
+            .enumerate()
+            .map(|(i, spec)| init_tensor(spec, i, seed, bound))
+            .collect();
+        for (i, t) in tensors.iter().enumerate() {
+            model.upload_param(i, t)?;
+        }
         Ok(model)
     }
 
     /// A model with every weight zero (checkpoint loading fills it in).
-    pub(crate) fn zeros(cfg: GptConfig) -> Result<Self> {
+    pub(crate) fn zeros_on(backend: B, cfg: GptConfig) -> Result<Self> {
         cfg.validate()?;
-        // Weights + transposed copies + gradients, checked before the first allocation.
-        crate::memory::check_fits(
-            cfg.num_params() as u64 * 12,
-            &format!(
-                "weights, transposed copies and gradients of a {}-layer, {}-wide model",
-                cfg.n_layer, cfg.n_embd
-            ),
-        )?;
         let specs = param_specs(&cfg);
-        let mut data = Vec::with_capacity(specs.len());
-        let mut grads = Vec::with_capacity(specs.len());
-        let mut wt = Vec::with_capacity(specs.len());
-        for (i, s) in specs.iter().enumerate() {
-            let len = s.shape[0] * s.shape[1];
-            data.push(alloc_f32(len, &s.name)?);
-            grads.push(alloc_f32(len, &format!("gradient of {}", s.name))?);
-            wt.push(if i == WTE {
-                Vec::new()
-            } else {
-                alloc_f32(len, &format!("transposed {}", s.name))?
-            });
+        let (layout, total) = param_layout(&specs);
+        // Weights, their derived forms and gradients, checked before the first allocation.
+        let cache_bytes = backend.weight_cache_bytes(&layout, Precision::F32);
+        let bytes = 8 * total as u64 + cache_bytes;
+        if let Some(avail) = backend.available_memory() {
+            if bytes > avail {
+                return Err(ModelError::oom(
+                    format!(
+                        "weights, their derived copies and gradients of a {}-layer, {}-wide model on {}",
+                        cfg.n_layer,
+                        cfg.n_embd,
+                        backend.describe()
+                    ),
+                    bytes,
+                    Some(avail),
+                ));
+            }
         }
-        let rope = Rope::new(cfg.max_positions(), cfg.head_dim(), cfg.rope_base);
+        let params = backend.alloc(total, "model weights")?;
+        let grads = Some(backend.alloc(total, "gradients")?);
+        let (cos, sin) = rope_tables(cfg.max_positions(), cfg.head_dim(), cfg.rope_base);
+        let mut rope_cos = backend.alloc(cos.len(), "rotary table")?;
+        let mut rope_sin = backend.alloc(sin.len(), "rotary table")?;
+        backend.upload(&cos, B::view_mut(&mut rope_cos))?;
+        backend.upload(&sin, B::view_mut(&mut rope_sin))?;
         Ok(Gpt {
+            backend,
             cfg,
             specs,
-            data,
+            layout,
+            params,
             grads,
-            wt,
-            rope,
+            rope_cos,
+            rope_sin,
+            weights: RwLock::new(WeightState {
+                cache: None,
+                fresh: None,
+            }),
+            precision: Precision::F32,
             acts: None,
-            precision: MatmulPrecision::F32,
-            bf16_packs: None,
+            eval_acts: Mutex::new(None),
         })
+    }
+
+    /// The device the model lives on.
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// A copy of this model (weights only) on another backend.
+    pub fn to_backend<C: Backend>(&self, backend: C) -> Result<Gpt<C>> {
+        let mut other = Gpt::zeros_on(backend, self.cfg.clone())?;
+        for i in 0..self.specs.len() {
+            other.upload_param(i, &self.download_param(i)?)?;
+        }
+        other.precision = self.precision;
+        Ok(other)
+    }
+
+    /// Parameter `i` (state_dict order) copied to the host.
+    pub fn download_param(&self, i: usize) -> Result<Vec<f32>> {
+        let slot = self.layout[i];
+        let mut host = vec![0.0; slot.len()];
+        self.backend
+            .download(B::slice(B::view(&self.params), slot.range()), &mut host)?;
+        Ok(host)
+    }
+
+    /// Gradient of parameter `i` copied to the host (zeros after
+    /// [`Gpt::release_training_state`]).
+    pub fn download_grad(&self, i: usize) -> Result<Vec<f32>> {
+        let slot = self.layout[i];
+        let mut host = vec![0.0; slot.len()];
+        if let Some(g) = &self.grads {
+            self.backend
+                .download(B::slice(B::view(g), slot.range()), &mut host)?;
+        }
+        Ok(host)
+    }
+
+    /// Overwrites parameter `i` from the host.
+    pub fn upload_param(&mut self, i: usize, values: &[f32]) -> Result<()> {
+        let slot = self.layout[i];
+        if values.len() != slot.len() {
+            return Err(ModelError::InvalidInput(format!(
+                "{}: {} values for a tensor of {}",
+                self.specs[i].name,
+                values.len(),
+                slot.len()
+            )));
+        }
+        self.backend.upload(
+            values,
+            B::slice_mut(B::view_mut(&mut self.params), slot.range()),
+        )?;
+        self.mark_weights_changed();
+        Ok(())
+    }
+
+    fn mark_weights_changed(&mut self) {
+        if let Ok(w) = self.weights.get_mut() {
+            w.fresh = None;
+        }
     }
 
     /// Arithmetic of the dense matmuls in training and full-sequence forward passes
     /// ([`Gpt::forward_backward`], [`Gpt::loss`], [`Gpt::logits`]): f32 by default; bf16 is
     /// the analogue of the reference's bf16 autocast. A run-time choice, not part of the
-    /// checkpoint (weights stay f32 either way). KV-cached decoding always runs in f32.
-    pub fn set_matmul_precision(&mut self, precision: MatmulPrecision) {
+    /// checkpoint (weights stay f32 either way). KV-cached decoding runs at the backend's
+    /// [`Backend::decode_precision`] (f32 on the CPU).
+    pub fn set_matmul_precision(&mut self, precision: Precision) {
         self.precision = precision;
-        if precision != MatmulPrecision::Bf16 {
-            self.bf16_packs = None;
-        }
-    }
-
-    /// Builds [`Gpt::bf16_packs`] when bf16 matmuls are on and the packs are stale.
-    fn ensure_bf16_packs(&mut self) -> Result<()> {
-        if self.precision != MatmulPrecision::Bf16 || self.bf16_packs.is_some() {
-            return Ok(());
-        }
-        crate::memory::check_fits(weight_pack_bytes(&self.specs), "bf16 weight packs")?;
-        let mut packs = Vec::with_capacity(self.specs.len());
-        for (i, spec) in self.specs.iter().enumerate() {
-            if i == WTE {
-                packs.push(None);
-                continue;
-            }
-            let [out, inp] = spec.shape;
-            packs.push(Some((
-                PackedB::new(Op::N, inp, out, &self.wt[i])?,
-                PackedB::new(Op::N, out, inp, &self.data[i])?,
-            )));
-        }
-        self.bf16_packs = Some(packs);
-        Ok(())
     }
 
     /// See [`Gpt::set_matmul_precision`].
-    pub fn matmul_precision(&self) -> MatmulPrecision {
+    pub fn matmul_precision(&self) -> Precision {
         self.precision
     }
 
@@ -377,85 +378,151 @@ impl Gpt {
         &self.specs
     }
 
-    /// Every parameter with its gradient, in state_dict order.
-    pub fn params(&self) -> impl Iterator<Item = ParamRef<'_>> {
-        self.specs
-            .iter()
-            .zip(self.data.iter().zip(self.grads.iter()))
-            .map(|(s, (d, g))| ParamRef {
-                name: &s.name,
-                shape: s.shape,
-                group: s.group,
-                data: d,
-                grad: g,
-            })
+    /// Where each parameter sits in the flat parameter and gradient buffers.
+    pub fn param_layout(&self) -> &[WeightSlot] {
+        &self.layout
     }
 
-    /// One parameter by name.
-    pub fn param(&self, name: &str) -> Option<ParamRef<'_>> {
-        self.params().find(|p| p.name == name)
+    /// Everything an optimizer step needs, the parameters writable. The weights' derived forms
+    /// are rebuilt before the next pass.
+    pub fn step_views(&mut self) -> Result<StepViews<'_, B>> {
+        self.ensure_grads()?;
+        self.mark_weights_changed();
+        let grads = self
+            .grads
+            .as_ref()
+            .ok_or_else(|| ModelError::Kernel("gradients missing after allocation".into()))?;
+        Ok(StepViews {
+            backend: &self.backend,
+            params: B::view_mut(&mut self.params),
+            grads: B::view(grads),
+            layout: &self.layout,
+            specs: &self.specs,
+        })
     }
 
-    /// Mutable access to every parameter (for the optimizer). The returned guard re-derives
-    /// the model's internal transposed weights when dropped, so updates take effect.
-    pub fn params_mut(&mut self) -> ParamsMut<'_> {
-        ParamsMut { model: self }
+    /// The flat gradient buffer, writable (collectives average it across ranks in place).
+    pub fn grads_view_mut(&mut self) -> Result<B::ViewMut<'_>> {
+        self.ensure_grads()?;
+        let grads = self
+            .grads
+            .as_mut()
+            .ok_or_else(|| ModelError::Kernel("gradients missing after allocation".into()))?;
+        Ok(B::view_mut(grads))
     }
 
     /// Sets every gradient to zero (reallocating them after [`Gpt::release_training_state`]).
     pub fn zero_grad(&mut self) -> Result<()> {
         self.ensure_grads()?;
-        self.grads.par_iter_mut().for_each(|g| g.fill(0.0));
+        if let Some(g) = self.grads.as_mut() {
+            self.backend.fill(B::view_mut(g), 0.0)?;
+        }
         Ok(())
     }
 
     /// Frees gradients and training activations (inference-only use). They come back,
     /// zeroed, on the next training call.
     pub fn release_training_state(&mut self) {
-        self.grads.iter_mut().for_each(|g| *g = Vec::new());
+        self.grads = None;
         self.acts = None;
     }
 
     fn ensure_grads(&mut self) -> Result<()> {
-        for (g, s) in self.grads.iter_mut().zip(&self.specs) {
-            if g.is_empty() {
-                *g = alloc_f32(s.shape[0] * s.shape[1], &format!("gradient of {}", s.name))?;
-            }
+        if self.grads.is_none() {
+            self.grads = Some(
+                self.backend
+                    .alloc(B::len(&B::view(&self.params)), "gradients")?,
+            );
         }
         Ok(())
     }
 
-    pub(crate) fn sync_transposed(&mut self) {
-        self.bf16_packs = None;
-        for i in 0..self.specs.len() {
-            if i == WTE {
-                continue;
-            }
-            let [r, c] = self.specs[i].shape;
-            transpose(r, c, &self.data[i], &mut self.wt[i]);
-        }
-    }
-
-    /// Global L2 norm of the gradients; an error names the first tensor whose norm is not
-    /// finite.
+    /// Global L2 norm of the gradients (one read-back); an error names the first tensor whose
+    /// norm is not finite.
     pub fn grad_norm(&self) -> Result<f64> {
-        let norms: Vec<f64> = self
-            .grads
-            .par_iter()
-            .map(|g| g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
-            .collect();
-        for (sq, s) in norms.iter().zip(&self.specs) {
-            if !sq.is_finite() {
+        let Some(g) = &self.grads else {
+            return Ok(0.0);
+        };
+        let sq = self.backend.sum_squares(B::view(g))?;
+        if sq.is_finite() {
+            return Ok(sq.sqrt());
+        }
+        for (slot, spec) in self.layout.iter().zip(&self.specs) {
+            let s = self
+                .backend
+                .sum_squares(B::slice(B::view(g), slot.range()))?;
+            if !s.is_finite() {
                 return Err(ModelError::NonFinite {
-                    what: format!("gradient norm of {}", s.name),
-                    value: *sq,
+                    what: format!("gradient norm of {}", spec.name),
+                    value: s,
                 });
             }
         }
-        Ok(norms.iter().sum::<f64>().sqrt())
+        Err(ModelError::NonFinite {
+            what: "gradient norm".into(),
+            value: sq,
+        })
     }
 
-    fn check_batch(&self, idx: &[u32], targets: Option<&[i32]>, b: usize, t: usize) -> Result<()> {
+    /// Scales the gradients so their global norm is at most `max_norm` (torch's
+    /// `clip_grad_norm_`, with its 1e-6 guard); returns the norm before clipping.
+    pub fn clip_grad_norm(&mut self, max_norm: f64) -> Result<f64> {
+        let norm = self.grad_norm()?;
+        let coef = max_norm / (norm + 1e-6);
+        if coef < 1.0 {
+            if let Some(g) = self.grads.as_mut() {
+                self.backend.scale(B::view_mut(g), coef as f32)?;
+            }
+        }
+        Ok(norm)
+    }
+
+    /// The derived weights, brought up to date first if the parameters or the precision
+    /// changed.
+    pub(crate) fn weights(&self, precision: Precision) -> Result<Weights<'_, B>> {
+        {
+            let w = self.read_weights()?;
+            // A bf16 cache also serves f32 matmuls (it holds everything an f32 one does):
+            // sampling at f32 during bf16 training must not rebuild it back and forth.
+            let usable =
+                w.fresh == Some(precision) || (precision == Precision::F32 && w.fresh.is_some());
+            if usable && w.cache.is_some() {
+                return Ok(Weights::new(self, w));
+            }
+        }
+        {
+            let mut w = self
+                .weights
+                .write()
+                .map_err(|_| ModelError::Kernel("weight cache lock poisoned".into()))?;
+            let usable =
+                w.fresh == Some(precision) || (precision == Precision::F32 && w.fresh.is_some());
+            if !usable || w.cache.is_none() {
+                self.backend.update_weight_cache(
+                    B::view(&self.params),
+                    &self.layout,
+                    precision,
+                    &mut w.cache,
+                )?;
+                w.fresh = Some(precision);
+            }
+        }
+        Ok(Weights::new(self, self.read_weights()?))
+    }
+
+    fn read_weights(&self) -> Result<RwLockReadGuard<'_, WeightState<B>>> {
+        self.weights
+            .read()
+            .map_err(|_| ModelError::Kernel("weight cache lock poisoned".into()))
+    }
+
+    pub(crate) fn check_batch(
+        &self,
+        idx: &[u32],
+        targets: Option<&[i32]>,
+        b: usize,
+        t: usize,
+    ) -> Result<()> {
         if b == 0 || t == 0 {
             return Err(ModelError::InvalidInput(format!(
                 "empty batch: b={b}, t={t}"
@@ -501,16 +568,32 @@ impl Gpt {
         Ok(())
     }
 
-    fn take_acts(&mut self, b: usize, t: usize, with_grad: bool) -> Result<Box<Activations>> {
+    /// Buffers for a `(b, t)` pass, allocated on the backend (after checking they fit).
+    pub(crate) fn new_acts(&self, s: PassShape) -> Result<Box<Acts<B>>> {
+        let bytes = crate::plan::activation_bytes(&self.cfg, s);
+        if let Some(avail) = self.backend.available_memory() {
+            if bytes > avail {
+                return Err(ModelError::oom("activation buffers", bytes, Some(avail)));
+            }
+        }
+        let be = &self.backend;
+        let mut acts = Activations::build(
+            &self.cfg,
+            s,
+            |what, len| be.alloc(len, what).map_err(ModelError::from),
+            |what, len| be.alloc_ints(len, what).map_err(ModelError::from),
+        )?;
+        let pos: Vec<i32> = (0..s.b * s.t).map(|i| (i % s.t) as i32).collect();
+        be.upload_ints(&pos, &mut acts.pos)?;
+        Ok(Box::new(acts))
+    }
+
+    fn take_acts(&mut self, b: usize, t: usize, with_grad: bool) -> Result<Box<Acts<B>>> {
         match self.acts.take() {
             Some(a) if a.fits(b, t, with_grad) => Ok(a),
             other => {
                 drop(other);
-                crate::memory::check_fits(
-                    (activation_floats(&self.cfg, b, t, with_grad) * 4) as u64,
-                    "activation buffers",
-                )?;
-                Ok(Box::new(Activations::new(&self.cfg, b, t, with_grad)?))
+                self.new_acts(full_pass(self.cfg.n_layer, b, t, with_grad))
             }
         }
     }
@@ -540,27 +623,31 @@ impl Gpt {
         grad_scale: f32,
     ) -> Result<f32> {
         self.check_batch(idx, Some(targets), b, t)?;
+        let n_valid = count_valid(targets)?;
         self.ensure_grads()?;
-        self.ensure_bf16_packs()?;
-        let n_valid = targets.iter().filter(|&&x| x >= 0).count();
-        if n_valid == 0 {
-            return Err(ModelError::InvalidInput(
-                "every target is -1 (ignored): the loss is undefined".into(),
-            ));
-        }
         let mut acts = self.take_acts(b, t, true)?;
-        let result =
-            self.run_forward_backward(&mut acts, idx, targets, reduction, n_valid, grad_scale);
+        let result = (|| {
+            upload_batch(&self.backend, &mut acts, idx, targets)?;
+            let scale = match reduction {
+                Reduction::Mean => grad_scale / n_valid as f32,
+                Reduction::Sum => grad_scale,
+            };
+            let mut grads = self
+                .grads
+                .take()
+                .ok_or_else(|| ModelError::Kernel("gradients missing after allocation".into()))?;
+            let sum = (|| {
+                let w = self.weights(self.precision)?;
+                forward::trunk(&w, &mut acts, self.precision)?;
+                let sum = forward::head_train(&w, &mut acts, scale, &mut grads, self.precision)?;
+                forward::trunk_backward(&w, &mut acts, &mut grads, self.precision)?;
+                Ok::<f64, ModelError>(sum)
+            })();
+            self.grads = Some(grads);
+            sum
+        })();
         self.acts = Some(acts);
-        let loss = result?;
-        if !loss.is_finite() {
-            return Err(ModelError::NonFinite {
-                what: "loss".into(),
-                value: loss as f64,
-            });
-        }
-        self.grad_norm()?;
-        Ok(loss)
+        finish_loss(result?, reduction, n_valid)
     }
 
     /// Loss without gradients (evaluation); reuses the training buffers when shapes match.
@@ -573,47 +660,58 @@ impl Gpt {
         reduction: Reduction,
     ) -> Result<f32> {
         self.check_batch(idx, Some(targets), b, t)?;
-        let n_valid = targets.iter().filter(|&&x| x >= 0).count();
-        if n_valid == 0 {
-            return Err(ModelError::InvalidInput(
-                "every target is -1 (ignored): the loss is undefined".into(),
-            ));
-        }
-        self.ensure_bf16_packs()?;
+        let n_valid = count_valid(targets)?;
         let with_grad = self
             .acts
             .as_ref()
             .is_some_and(|a| a.with_grad && a.fits(b, t, false));
         let mut acts = self.take_acts(b, t, with_grad)?;
         let result = (|| {
-            trunk_forward(self, &mut acts, idx)?;
-            let sum = head(self, &mut acts, b * t, targets, None, None)?;
-            Ok::<f64, ModelError>(sum)
+            upload_batch(&self.backend, &mut acts, idx, targets)?;
+            let w = self.weights(self.precision)?;
+            forward::trunk(&w, &mut acts, self.precision)?;
+            forward::head_eval(&w, &mut acts, b * t, None, self.precision)
         })();
         self.acts = Some(acts);
-        let sum = result?;
-        let loss = match reduction {
-            Reduction::Mean => sum / n_valid as f64,
-            Reduction::Sum => sum,
-        } as f32;
-        if !loss.is_finite() {
-            return Err(ModelError::NonFinite {
-                what: "loss".into(),
-                value: loss as f64,
-            });
+        finish_loss(result?, reduction, n_valid)
+    }
+
+    /// Runs `f` on forward-only buffers for `(b, t)`: the cached ones when the shape matches and
+    /// no other call holds them, else fresh ones.
+    fn with_eval_acts<R>(
+        &self,
+        b: usize,
+        t: usize,
+        f: impl FnOnce(&mut Acts<B>) -> Result<R>,
+    ) -> Result<R> {
+        let cached = self
+            .eval_acts
+            .lock()
+            .ok()
+            .and_then(|mut slot| slot.take())
+            .filter(|a| a.fits(b, t, false) && !a.with_grad);
+        let mut acts = match cached {
+            Some(a) => a,
+            None => self.new_acts(full_pass(self.cfg.n_layer, b, t, false))?,
+        };
+        let out = f(&mut acts);
+        if let Ok(mut slot) = self.eval_acts.lock() {
+            *slot = Some(acts);
         }
-        Ok(loss)
+        out
     }
 
     /// Softcapped logits `[b, t, vocab_size]` for a batch (no cache, no gradients).
     pub fn logits(&self, idx: &[u32], b: usize, t: usize) -> Result<Vec<f32>> {
         self.check_batch(idx, None, b, t)?;
-        let mut acts = Activations::new(&self.cfg, b, t, false)?;
-        trunk_forward(self, &mut acts, idx)?;
-        let v = self.cfg.vocab_size;
-        let mut out = alloc_f32(b * t * v, "logits")?;
-        head(self, &mut acts, b * t, &[], None, Some(&mut out))?;
-        Ok(out)
+        self.with_eval_acts(b, t, |acts| {
+            upload_batch(&self.backend, acts, idx, &[])?;
+            let w = self.weights(self.precision)?;
+            forward::trunk(&w, acts, self.precision)?;
+            let mut out = vec![0.0; b * t * self.cfg.vocab_size];
+            forward::head_eval(&w, acts, b * t, Some(&mut out), self.precision)?;
+            Ok(out)
+        })
     }
 
     /// Softcapped logits `[positions.len(), vocab_size]` at the flat positions `row·t + pos`
@@ -642,372 +740,70 @@ impl Gpt {
                 )));
             }
         }
-        let mut acts = Activations::new(&self.cfg, b, t, false)?;
-        trunk_forward(self, &mut acts, idx)?;
-        // Move the selected rows of the final hidden state to the front (in place: position
-        // i is read before any row at or after it is written, as positions[i] ≥ i).
-        let c = self.cfg.n_embd;
-        for (i, &p) in positions.iter().enumerate() {
-            if p != i {
-                acts.xf.copy_within(p * c..(p + 1) * c, i * c);
-            }
-        }
-        let v = self.cfg.vocab_size;
-        let mut out = alloc_f32(positions.len() * v, "logits")?;
-        head(self, &mut acts, positions.len(), &[], None, Some(&mut out))?;
-        Ok(out)
-    }
-
-    fn run_forward_backward(
-        &mut self,
-        acts: &mut Activations,
-        idx: &[u32],
-        targets: &[i32],
-        reduction: Reduction,
-        n_valid: usize,
-        grad_scale: f32,
-    ) -> Result<f32> {
-        trunk_forward(self, acts, idx)?;
-        let scale = match reduction {
-            Reduction::Mean => grad_scale / n_valid as f32,
-            Reduction::Sum => grad_scale,
-        };
-        let lm = lm_head_index(&self.cfg);
-        let mut dlm = std::mem::take(&mut self.grads[lm]);
-        let n = acts.b * acts.t;
-        let sum = head(self, acts, n, targets, Some((scale, &mut dlm)), None);
-        self.grads[lm] = dlm;
-        let sum = sum?;
-        trunk_backward(self, acts, idx)?;
-        Ok(match reduction {
-            Reduction::Mean => sum / n_valid as f64,
-            Reduction::Sum => sum,
-        } as f32)
+        self.with_eval_acts(b, t, |acts| {
+            upload_batch(&self.backend, acts, idx, &[])?;
+            let w = self.weights(self.precision)?;
+            forward::trunk(&w, acts, self.precision)?;
+            // The selected rows of the final hidden state move to the front of `xf` (positions
+            // are strictly increasing, so row i is read before any row at or after it is
+            // written), through the targets buffer as the index list.
+            let sel: Vec<i32> = positions.iter().map(|&p| p as i32).collect();
+            forward::select_rows(&w, acts, &sel)?;
+            let mut out = vec![0.0; positions.len() * self.cfg.vocab_size];
+            forward::head_eval(&w, acts, positions.len(), Some(&mut out), self.precision)?;
+            Ok(out)
+        })
     }
 }
 
-/// Guard from [`Gpt::params_mut`]; re-syncs internal weight copies on drop.
-pub struct ParamsMut<'a> {
-    model: &'a mut Gpt,
-}
-
-impl ParamsMut<'_> {
-    /// Every parameter, mutable, in state_dict order.
-    pub fn iter_mut(&mut self) -> impl Iterator<Item = ParamMut<'_>> {
-        let m = &mut *self.model;
-        m.specs
-            .iter()
-            .zip(m.data.iter_mut().zip(m.grads.iter_mut()))
-            .map(|(s, (d, g))| ParamMut {
-                name: &s.name,
-                shape: s.shape,
-                group: s.group,
-                data: d,
-                grad: g,
-            })
-    }
-
-    /// One parameter by name.
-    pub fn get_mut(&mut self, name: &str) -> Option<ParamMut<'_>> {
-        self.iter_mut().find(|p| p.name == name)
-    }
-}
-
-impl Drop for ParamsMut<'_> {
-    fn drop(&mut self) {
-        self.model.sync_transposed();
-    }
-}
-
-/// `y = x·Wᵀ` (or `+=`) for parameter `i`, through its `[in, out]` copy.
-fn linear(model: &Gpt, i: usize, rows: usize, x: &[f32], y: &mut [f32], acc: bool) -> Result<()> {
-    let [out, inp] = model.specs[i].shape;
-    let pack = model
-        .bf16_packs
-        .as_ref()
-        .and_then(|p| p[i].as_ref())
-        .map(|p| &p.0);
-    weight_mm(
-        model.precision,
-        pack,
-        rows,
-        out,
-        inp,
-        x,
-        &model.wt[i],
-        y,
-        acc,
-    )
-}
-
-/// `y (+)= x·w` (`x: [rows, k]`, `w: [k, n]`) where `w` is a weight, through its bf16 pack
-/// when there is one.
-#[allow(clippy::too_many_arguments)]
-fn weight_mm(
-    precision: MatmulPrecision,
-    pack: Option<&PackedB>,
-    rows: usize,
-    n: usize,
-    k: usize,
-    x: &[f32],
-    w: &[f32],
-    y: &mut [f32],
-    acc: bool,
-) -> Result<()> {
-    match (precision, pack) {
-        (MatmulPrecision::Bf16, Some(p)) => gemm_bf16_prepacked_with(
-            Op::N,
-            rows,
-            x,
-            p,
-            y,
-            GemmOpts {
-                accumulate: acc,
-                parallel: true,
-            },
-        ),
-        _ => matmul_nn(precision, rows, n, k, x, w, y, acc),
-    }
-}
-
-/// Embedding → norm → blocks → final norm, saving what the backward pass needs.
-fn trunk_forward(model: &Gpt, a: &mut Activations, idx: &[u32]) -> Result<()> {
-    let cfg = &model.cfg;
-    let (b, t) = (a.b, a.t);
-    let n = b * t;
-    let (c, d) = (cfg.n_embd, cfg.head_dim());
-    let (h, hk) = (cfg.n_head, cfg.n_kv_head);
-    let f = 4 * c;
-    let wte = &model.data[WTE];
-    for (row, &tok) in a.x.chunks_exact_mut(c).zip(idx) {
-        row.copy_from_slice(&wte[tok as usize * c..(tok as usize + 1) * c]);
-    }
-    rmsnorm_fwd(&a.x, &mut a.xn0, &mut a.rstd0, c);
-    a.x.copy_from_slice(&a.xn0);
-    let shape = AttnShape {
+/// The buffers of a full-sequence pass over every layer.
+pub(crate) fn full_pass(layers: usize, b: usize, t: usize, with_grad: bool) -> PassShape {
+    PassShape {
         b,
         t,
-        h,
-        hk,
-        d,
-        precision: model.precision,
-    };
-    for (l, la) in a.layers.iter_mut().enumerate() {
-        rmsnorm_fwd(&a.x, &mut la.xn1, &mut la.rstd1, c);
-        linear(model, layer_param(l, Q), n, &la.xn1, &mut la.q, false)?;
-        linear(model, layer_param(l, K), n, &la.xn1, &mut la.k, false)?;
-        linear(model, layer_param(l, V), n, &la.xn1, &mut la.v, false)?;
-        model.rope.apply(&mut la.q, h, &a.pos, false);
-        model.rope.apply(&mut la.k, hk, &a.pos, false);
-        rmsnorm_inplace(&mut la.q, &mut la.rstd_q, d);
-        rmsnorm_inplace(&mut la.k, &mut la.rstd_k, d);
-        attention_fwd(shape, &la.q, &la.k, &la.v, &mut la.yatt, &mut la.lse)?;
-        linear(model, layer_param(l, PROJ), n, &la.yatt, &mut a.x, true)?;
-        rmsnorm_fwd(&a.x, &mut la.xn2, &mut la.rstd2, c);
-        linear(model, layer_param(l, FC), n, &la.xn2, &mut la.hpre, false)?;
-        la.act
-            .par_chunks_mut(f)
-            .zip(la.hpre.par_chunks(f))
-            .for_each(|(o, i)| {
-                for (o, &x) in o.iter_mut().zip(i) {
-                    let r = x.max(0.0);
-                    *o = r * r;
-                }
-            });
-        linear(model, layer_param(l, MLP_PROJ), n, &la.act, &mut a.x, true)?;
+        layers,
+        with_grad,
+        causal: true,
     }
-    rmsnorm_fwd(&a.x, &mut a.xf, &mut a.rstdf, c);
-    Ok(())
 }
 
-/// lm_head + softcap + cross-entropy over the first `n` rows of `a.xf`, fused and chunked over
-/// rows so the full logits matrix never exists. With `grad = (scale, dlm)`: writes d loss/d xf
-/// into `a.dxn` and adds the lm_head gradient to `dlm`. With `out`: copies the capped logits
-/// there. Returns the summed loss over non-ignored targets.
-fn head(
-    model: &Gpt,
-    a: &mut Activations,
-    n: usize,
+fn count_valid(targets: &[i32]) -> Result<usize> {
+    let n = targets.iter().filter(|&&x| x >= 0).count();
+    if n == 0 {
+        return Err(ModelError::InvalidInput(
+            "every target is -1 (ignored): the loss is undefined".into(),
+        ));
+    }
+    Ok(n)
+}
+
+/// Uploads token ids and targets (`[]`: every target ignored) into a pass's int buffers.
+pub(crate) fn upload_batch<B: Backend>(
+    backend: &B,
+    acts: &mut Acts<B>,
+    idx: &[u32],
     targets: &[i32],
-    mut grad: Option<(f32, &mut Vec<f32>)>,
-    mut out: Option<&mut Vec<f32>>,
-) -> Result<f64> {
-    let cfg = &model.cfg;
-    let (c, v, vp) = (cfg.n_embd, cfg.vocab_size, cfg.padded_vocab_size());
-    let lm = lm_head_index(cfg);
-    // The buffer's own chunk: training activations may serve a forward-only call.
-    let chunk = a.logit_rows;
-    let softcap = cfg.softcap;
-    let avx = has_avx2();
-    let prec = model.precision;
-    let mut total = 0.0f64;
-    for r0 in (0..n).step_by(chunk) {
-        let r1 = (r0 + chunk).min(n);
-        let rc = r1 - r0;
-        let logits = &mut a.logits[..rc * vp];
-        let xf = &a.xf[r0 * c..r1 * c];
-        let lm_pack = model.bf16_packs.as_ref().and_then(|p| p[lm].as_ref());
-        let wt_lm = &model.wt[lm];
-        weight_mm(
-            prec,
-            lm_pack.map(|p| &p.0),
-            rc,
-            vp,
-            c,
-            xf,
-            wt_lm,
-            logits,
-            false,
-        )?;
-        let grad_scale = grad.as_ref().map(|g| g.0);
-        let tg = |r: usize| {
-            if targets.is_empty() {
-                -1
-            } else {
-                targets[r0 + r]
-            }
-        };
-        total += logits
-            .par_chunks_mut(vp)
-            .enumerate()
-            .with_min_len(8)
-            .map(|(r, row)| {
-                // Per-thread scratch: a fresh `vec![0; v]` per rayon job was a 128 KB
-                // allocation, i.e. new pages and page faults, dozens of times per chunk.
-                with_task_scratch(v, |exps| {
-                    #[cfg(target_arch = "x86_64")]
-                    if avx {
-                        #[target_feature(enable = "avx2,fma")]
-                        unsafe fn row_avx2(
-                            row: &mut [f32],
-                            v: usize,
-                            t: i32,
-                            s: Option<f32>,
-                            g: Option<f32>,
-                            e: &mut [f32],
-                        ) -> f64 {
-                            softcapped_ce_row(row, v, t, s, g, e)
-                        }
-                        // SAFETY: AVX2+FMA present.
-                        return unsafe { row_avx2(row, v, tg(r), softcap, grad_scale, exps) };
-                    }
-                    let _ = avx;
-                    softcapped_ce_row(row, v, tg(r), softcap, grad_scale, exps)
-                })
-            })
-            .sum::<f64>();
-        if let Some(o) = out.as_deref_mut() {
-            for (r, row) in logits.chunks_exact(vp).enumerate() {
-                o[(r0 + r) * v..(r0 + r + 1) * v].copy_from_slice(&row[..v]);
-            }
-        }
-        if let Some((_, dlm)) = grad.as_mut() {
-            let dxn = &mut a.dxn[r0 * c..r1 * c];
-            let data_lm = &model.data[lm];
-            weight_mm(
-                prec,
-                lm_pack.map(|p| &p.1),
-                rc,
-                c,
-                vp,
-                logits,
-                data_lm,
-                dxn,
-                false,
-            )?;
-            matmul_tn_acc(
-                prec,
-                vp,
-                c,
-                rc,
-                logits,
-                &a.xf[r0 * c..r1 * c],
-                dlm,
-                &mut a.tscratch,
-            )?;
-        }
-    }
-    Ok(total)
-}
-
-/// Backward through the blocks and the embedding, from `a.dxn` = d loss/d xf.
-fn trunk_backward(model: &mut Gpt, a: &mut Activations, idx: &[u32]) -> Result<()> {
-    let cfg = model.cfg.clone();
-    let (b, t) = (a.b, a.t);
-    let n = b * t;
-    let (c, d) = (cfg.n_embd, cfg.head_dim());
-    let (h, hk) = (cfg.n_head, cfg.n_kv_head);
-    let kd = hk * d;
-    let f = 4 * c;
-    let shape = AttnShape {
-        b,
-        t,
-        h,
-        hk,
-        d,
-        precision: model.precision,
-    };
-    rmsnorm_bwd(&a.dxn, &a.xf, &a.rstdf, &mut a.dx, c, false);
-    let (data, grads) = (&model.data, &mut model.grads);
-    let p = model.precision;
-    let packs = model.bf16_packs.as_ref();
-    // dY·W for weight `i` (its `[out, in]` form).
-    let dmm = |i: usize, rows: usize, n: usize, k: usize, x: &[f32], y: &mut [f32], acc: bool| {
-        let pack = packs.and_then(|v| v[i].as_ref()).map(|pk| &pk.1);
-        weight_mm(p, pack, rows, n, k, x, &data[i], y, acc)
-    };
-    for l in (0..cfg.n_layer).rev() {
-        let la = &a.layers[l];
-        // MLP: x += relu(xn2·Wfcᵀ)²·Wprojᵀ
-        let (ip, ifc) = (layer_param(l, MLP_PROJ), layer_param(l, FC));
-        dmm(ip, n, f, c, &a.dx, &mut a.dh, false)?;
-        matmul_tn_acc(p, c, f, n, &a.dx, &la.act, &mut grads[ip], &mut a.tscratch)?;
-        a.dh.par_chunks_mut(f)
-            .zip(la.hpre.par_chunks(f))
-            .for_each(|(g, hp)| {
-                for (g, &x) in g.iter_mut().zip(hp) {
-                    *g *= 2.0 * x.max(0.0);
-                }
-            });
-        dmm(ifc, n, c, f, &a.dh, &mut a.dxn, false)?;
-        matmul_tn_acc(p, f, c, n, &a.dh, &la.xn2, &mut grads[ifc], &mut a.tscratch)?;
-        rmsnorm_bwd(&a.dxn, &la.xn2, &la.rstd2, &mut a.dx, c, true);
-        // Attention: x += attn(q, k, v)·Wprojᵀ
-        let ipr = layer_param(l, PROJ);
-        dmm(ipr, n, c, c, &a.dx, &mut a.dya, false)?;
-        matmul_tn_acc(
-            p,
-            c,
-            c,
-            n,
-            &a.dx,
-            &la.yatt,
-            &mut grads[ipr],
-            &mut a.tscratch,
-        )?;
-        attention_bwd(
-            shape, &la.q, &la.k, &la.v, &la.yatt, &la.lse, &a.dya, &mut a.dq, &mut a.dk, &mut a.dv,
-        )?;
-        rmsnorm_bwd_inplace(&mut a.dq, &la.q, &la.rstd_q, d);
-        rmsnorm_bwd_inplace(&mut a.dk, &la.k, &la.rstd_k, d);
-        model.rope.apply(&mut a.dq, h, &a.pos, true);
-        model.rope.apply(&mut a.dk, hk, &a.pos, true);
-        let (iq, ik, iv) = (layer_param(l, Q), layer_param(l, K), layer_param(l, V));
-        dmm(iq, n, c, c, &a.dq, &mut a.dxn, false)?;
-        dmm(ik, n, c, kd, &a.dk, &mut a.dxn, true)?;
-        dmm(iv, n, c, kd, &a.dv, &mut a.dxn, true)?;
-        matmul_tn_acc(p, c, c, n, &a.dq, &la.xn1, &mut grads[iq], &mut a.tscratch)?;
-        matmul_tn_acc(p, kd, c, n, &a.dk, &la.xn1, &mut grads[ik], &mut a.tscratch)?;
-        matmul_tn_acc(p, kd, c, n, &a.dv, &la.xn1, &mut grads[iv], &mut a.tscratch)?;
-        rmsnorm_bwd(&a.dxn, &la.xn1, &la.rstd1, &mut a.dx, c, true);
-    }
-    rmsnorm_bwd(&a.dx, &a.xn0, &a.rstd0, &mut a.dxn, c, false);
-    let gw = &mut grads[WTE];
-    for (row, &tok) in a.dxn.chunks_exact(c).zip(idx) {
-        let dst = &mut gw[tok as usize * c..(tok as usize + 1) * c];
-        for (o, &g) in dst.iter_mut().zip(row) {
-            *o += g;
-        }
+) -> Result<()> {
+    let ids: Vec<i32> = idx.iter().map(|&x| x as i32).collect();
+    backend.upload_ints(&ids, &mut acts.idx)?;
+    if targets.is_empty() {
+        backend.upload_ints(&vec![-1; idx.len()], &mut acts.targets)?;
+    } else {
+        backend.upload_ints(targets, &mut acts.targets)?;
     }
     Ok(())
+}
+
+fn finish_loss(sum: f64, reduction: Reduction, n_valid: usize) -> Result<f32> {
+    let loss = match reduction {
+        Reduction::Mean => sum / n_valid as f64,
+        Reduction::Sum => sum,
+    } as f32;
+    if !loss.is_finite() {
+        return Err(ModelError::NonFinite {
+            what: "loss".into(),
+            value: loss as f64,
+        });
+    }
+    Ok(loss)
 }

@@ -73,3 +73,27 @@ pub fn param_specs(cfg: &GptConfig) -> Vec<ParamSpec> {
     });
     specs
 }
+
+/// Elements each parameter's offset in the flat buffers is rounded up to (256 bytes: a GPU's
+/// preferred alignment for kernel operands and wgpu's default storage-buffer offset alignment).
+pub const PARAM_ALIGN: usize = 64;
+
+/// Where every parameter sits in the flat parameter (and gradient) buffer, in [`param_specs`]
+/// order, and the buffer's total length. Gaps between parameters stay zero.
+pub fn param_layout(specs: &[ParamSpec]) -> (Vec<nanochat_compute::WeightSlot>, usize) {
+    let mut offset = 0;
+    let slots = specs
+        .iter()
+        .map(|s| {
+            let slot = nanochat_compute::WeightSlot {
+                offset,
+                out: s.shape[0],
+                inp: s.shape[1],
+                matmul: s.group != ParamGroup::Embedding,
+            };
+            offset += (s.shape[0] * s.shape[1]).div_ceil(PARAM_ALIGN) * PARAM_ALIGN;
+            slot
+        })
+        .collect();
+    (slots, offset)
+}

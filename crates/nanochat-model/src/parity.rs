@@ -10,8 +10,8 @@ use safetensors::tensor::{Dtype, SafeTensors};
 
 use crate::config::GptConfig;
 use crate::error::{ModelError, Result};
-use crate::kv_cache::KvCache;
 use crate::model::{Gpt, Reduction};
+use nanochat_compute::{Backend, Cpu};
 
 /// Results of one parity run.
 #[derive(Debug, Clone)]
@@ -131,20 +131,33 @@ fn argmax(xs: &[f32]) -> u32 {
     best as u32
 }
 
-/// Loads the fixture's weights into a model.
+/// Loads the fixture's weights into a CPU model.
 pub fn load_fixture_model(dir: &Path) -> Result<(Gpt, serde_json::Value)> {
+    load_fixture_model_on(Cpu, dir)
+}
+
+/// Loads the fixture's weights into a model on `backend`.
+pub fn load_fixture_model_on<B: Backend>(
+    backend: B,
+    dir: &Path,
+) -> Result<(Gpt<B>, serde_json::Value)> {
     let meta_path = dir.join("meta.json");
     let meta: serde_json::Value = serde_json::from_slice(&read(&meta_path)?)
         .map_err(|e| fx_err(&meta_path, e.to_string()))?;
     let cfg = fixture_config(&meta, &meta_path)?;
     let wpath = dir.join("weights.safetensors");
-    let model = Gpt::from_safetensors(cfg, &read(&wpath)?, &wpath)?;
+    let model = Gpt::from_safetensors_on(backend, cfg, &read(&wpath)?, &wpath)?;
     Ok((model, meta))
 }
 
-/// Runs forward, backward and cached greedy decoding against a fixture directory.
+/// Runs forward, backward and cached greedy decoding against a fixture directory, on the CPU.
 pub fn run_parity(dir: &Path) -> Result<ParityReport> {
-    let (mut model, meta) = load_fixture_model(dir)?;
+    run_parity_on(Cpu, dir)
+}
+
+/// [`run_parity`] on `backend`, at the model's default (f32) matmul precision.
+pub fn run_parity_on<B: Backend>(backend: B, dir: &Path) -> Result<ParityReport> {
+    let (mut model, meta) = load_fixture_model_on(backend, dir)?;
     let fb_path = dir.join("forward_backward.safetensors");
     let fb_bytes = read(&fb_path)?;
     let fb = SafeTensors::deserialize(&fb_bytes).map_err(|e| fx_err(&fb_path, e.to_string()))?;
@@ -169,14 +182,14 @@ pub fn run_parity(dir: &Path) -> Result<ParityReport> {
     model.zero_grad()?;
     let loss_mean = model.forward_backward(&idx, &targets, b, t, Reduction::Mean)?;
     let mut grads = Vec::new();
-    for p in model.params() {
-        let r = fixture_tensor(&fb, &format!("grad.{}", p.name), &fb_path)?;
-        grads.push((p.name.to_string(), rel_err(p.grad, &r)));
+    for (i, spec) in model.param_specs().iter().enumerate() {
+        let r = fixture_tensor(&fb, &format!("grad.{}", spec.name), &fb_path)?;
+        grads.push((spec.name.clone(), rel_err(&model.download_grad(i)?, &r)));
     }
     // Cached logits of the first row, prefill half then one token at a time.
     let cfg = model.config().clone();
     let row0 = &idx[..t];
-    let mut cache = KvCache::new(&cfg, 1, t)?;
+    let mut cache = model.new_kv_cache(1, t)?;
     let half = t / 2;
     let mut cached = model.forward_cached(&mut cache, &[(0, &row0[..half])])?;
     for tok in &row0[half..] {
@@ -208,7 +221,7 @@ pub fn run_parity(dir: &Path) -> Result<ParityReport> {
         .unwrap_or_default();
     let mut got = Vec::new();
     if !prompt.is_empty() {
-        let mut cache = KvCache::new(&cfg, 1, prompt.len() + expected.len() + 1)?;
+        let mut cache = model.new_kv_cache(1, prompt.len() + expected.len() + 1)?;
         let v = cfg.vocab_size;
         let lg = model.forward_cached(&mut cache, &[(0, &prompt)])?;
         let mut next = argmax(&lg[lg.len() - v..]);

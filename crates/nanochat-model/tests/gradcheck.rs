@@ -119,9 +119,10 @@ fn bad_inputs_are_errors() {
         .forward_backward(&[99; 6], &[0; 6], 2, 3, Reduction::Mean)
         .is_err());
     assert!(m.logits(&idx, 3, 3).is_err());
-    let mut bad = m.params_mut();
-    bad.get_mut("transformer.wte.weight").unwrap().data[idx[0] as usize * 16] = f32::NAN;
-    drop(bad);
+    m.params_mut()
+        .get_mut("transformer.wte.weight")
+        .unwrap()
+        .data[idx[0] as usize * 16] = f32::NAN;
     let err = m
         .forward_backward(&idx, &[1; 6], 2, 3, Reduction::Mean)
         .unwrap_err()

@@ -14,7 +14,7 @@ use nanochat_data::{list_shards, PretrainLoader, Split};
 use nanochat_model::{CheckpointMeta, Gpt, GptConfig};
 use nanochat_tokenizer::Tokenizer;
 use nanochat_train::process;
-use nanochat_train::trainer::{train, BatchSource, LoopConfig, RunDirs, TrainJob};
+use nanochat_train::trainer::{train_on_device, BatchSource, LoopConfig, RunDirs, TrainJob};
 use nanochat_train::TrainError;
 use serde::Deserialize;
 
@@ -170,6 +170,6 @@ fn run(ctx: &StageContext) -> Result<i32> {
         meta: CheckpointMeta::new(0),
         interrupted: &stage::interrupted,
     };
-    let outcome = train(job, model, &mut make_train, &mut make_val)?;
+    let outcome = train_on_device(job, model, &mut make_train, &mut make_val)?;
     Ok(process::exit_code(outcome, "pretraining"))
 }

@@ -171,7 +171,7 @@ impl Setup {
                     (p.name, p.data, g)
                 }),
             )?;
-            drop(pm); // re-derives the model's transposed weights: part of the step
+            // (params_mut marked the weight cache stale: the next forward rebuilds it)
             Ok(t0.elapsed().as_secs_f64())
         };
         step(&mut model, 0)?;

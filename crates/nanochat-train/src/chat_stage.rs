@@ -11,7 +11,7 @@ use nanochat_model::{load_checkpoint, CheckpointMeta};
 use nanochat_tokenizer::Tokenizer;
 use serde::Deserialize;
 
-use crate::trainer::{train, BatchSource, LoopConfig, RunDirs, TrainJob};
+use crate::trainer::{train_on_device, BatchSource, LoopConfig, RunDirs, TrainJob};
 use crate::TrainError;
 
 /// Which conversation stage.
@@ -150,6 +150,6 @@ pub fn run_chat_stage(kind: ChatStageKind, ctx: &StageContext) -> Result<i32, Tr
         meta,
         interrupted: &stage::interrupted,
     };
-    let outcome = train(job, model, &mut make_train, &mut make_val)?;
+    let outcome = train_on_device(job, model, &mut make_train, &mut make_val)?;
     Ok(crate::process::exit_code(outcome, &format!("{kind:?}")))
 }

@@ -1,32 +1,28 @@
 //! Optimizers of the nanochat recipe: AdamW for the embedding and the unembedding, Muon for every
 //! matrix inside the transformer blocks.
 //!
-//! Both work on flat `f32` slices plus a shape, so they do not depend on how a model stores its
-//! tensors. All state (moments, momentum buffers, Newton–Schulz scratch) is allocated when a
-//! parameter is registered; a step allocates nothing.
+//! Both run on a compute backend ([`nanochat_model::Backend`]): parameters and gradients are
+//! backend views plus a shape, so they do not depend on how a model stores its tensors (on the
+//! CPU a view is a slice). All state (moments, momentum buffers, Newton–Schulz scratch) lives on
+//! the same device, allocated when a parameter is registered; a step allocates nothing and reads
+//! nothing back.
 //!
 //! Numerics follow the reference (nanochat 48abd7d): AdamW is torch's `AdamW` (decoupled weight
 //! decay, bias correction with `sqrt(1-β2^t)` inside the denominator, eps added after), Muon is
 //! SGD-momentum with Nesterov blending followed by 5 quintic Newton–Schulz iterations
 //! (a, b, c) = (3.4445, −4.7750, 2.0315) and an aspect-ratio scaled step `√max(1, rows/cols)`.
 //! The reference orthogonalises in bfloat16 (bf16 operands, f32 accumulation, bf16 results);
-//! with `bf16_newton_schulz` so does this one, on nanochat-model's bf16 GEMM (`VDPBF16PS` where
-//! the CPU has it: twice the f32 FLOP rate, and Newton–Schulz costs ~60% of the forward+backward
-//! FLOPs of a d8 micro-batch of 2048 tokens). Otherwise it runs in f32.
+//! with `bf16_newton_schulz` so does this one, on the backend's bf16 GEMM (on the CPU
+//! `VDPBF16PS` where it exists: twice the f32 FLOP rate, and Newton–Schulz costs ~60% of the
+//! forward+backward FLOPs of a d8 micro-batch of 2048 tokens). Otherwise it runs in f32.
 
 use std::collections::HashMap;
 
-use rayon::prelude::*;
+use nanochat_model::compute::{prefix, prefix_mut, AdamWStep, Gemm};
+use nanochat_model::{Backend, Cpu, Gpt, MatmulPrecision};
 use serde::{Deserialize, Serialize};
 
-use nanochat_model::kernels::bf16::{gemm_bf16, round_bf16, Op};
-use nanochat_model::kernels::transpose;
-
 use crate::TrainError;
-
-/// Elements per rayon task in element-wise updates: large enough that scheduling overhead is
-/// negligible, small enough to split a d20 embedding (~42M floats) over many cores.
-const PAR_CHUNK: usize = 1 << 15;
 
 /// Quintic Newton–Schulz coefficients (chosen upstream to maximise the slope at zero).
 const NS_COEFFS: (f32, f32, f32) = (3.4445, -4.7750, 2.0315);
@@ -55,41 +51,55 @@ impl Default for AdamWConfig {
     }
 }
 
-struct AdamWSlot {
+struct AdamWSlot<B: Backend> {
     name: String,
     len: usize,
     lr: f32,
     step: u64,
-    exp_avg: Vec<f32>,
-    exp_avg_sq: Vec<f32>,
+    exp_avg: B::Buf,
+    exp_avg_sq: B::Buf,
 }
 
 /// torch-compatible AdamW over registered flat parameters, each with its own base learning rate.
-pub struct AdamW {
+pub struct AdamW<B: Backend = Cpu> {
+    backend: B,
     cfg: AdamWConfig,
-    slots: Vec<AdamWSlot>,
+    slots: Vec<AdamWSlot<B>>,
 }
 
-impl AdamW {
-    /// An optimizer with no parameters yet.
+fn dev_err(e: impl std::fmt::Display) -> TrainError {
+    TrainError::Optimizer(e.to_string())
+}
+
+impl AdamW<Cpu> {
+    /// A CPU optimizer with no parameters yet.
     pub fn new(cfg: AdamWConfig) -> Self {
+        Self::new_on(Cpu, cfg)
+    }
+}
+
+impl<B: Backend> AdamW<B> {
+    /// An optimizer on `backend` with no parameters yet.
+    pub fn new_on(backend: B, cfg: AdamWConfig) -> Self {
         Self {
+            backend,
             cfg,
             slots: Vec::new(),
         }
     }
 
     /// Registers a parameter of `len` elements with base learning rate `lr`; returns its slot.
-    pub fn add_param(&mut self, name: &str, len: usize, lr: f32) -> usize {
+    pub fn add_param(&mut self, name: &str, len: usize, lr: f32) -> Result<usize, TrainError> {
+        let what = format!("AdamW state of {name}");
         self.slots.push(AdamWSlot {
             name: name.to_string(),
             len,
             lr,
             step: 0,
-            exp_avg: vec![0.0; len],
-            exp_avg_sq: vec![0.0; len],
+            exp_avg: self.backend.alloc(len, &what).map_err(dev_err)?,
+            exp_avg_sq: self.backend.alloc(len, &what).map_err(dev_err)?,
         });
-        self.slots.len() - 1
+        Ok(self.slots.len() - 1)
     }
 
     /// Base learning rate of a slot (before the schedule multiplier).
@@ -101,8 +111,8 @@ impl AdamW {
     pub fn update(
         &mut self,
         slot: usize,
-        param: &mut [f32],
-        grad: &[f32],
+        param: B::ViewMut<'_>,
+        grad: B::View<'_>,
         lr_mult: f32,
     ) -> Result<(), TrainError> {
         let cfg = self.cfg;
@@ -110,11 +120,11 @@ impl AdamW {
             .slots
             .get_mut(slot)
             .ok_or_else(|| TrainError::Optimizer(format!("AdamW has no slot {slot}")))?;
-        if param.len() != s.len || grad.len() != s.len {
+        if B::len_mut(&param) != s.len || B::len(&grad) != s.len {
             return Err(TrainError::Shape {
                 name: s.name.clone(),
                 expected: vec![s.len],
-                got: vec![param.len(), grad.len()],
+                got: vec![B::len_mut(&param), B::len(&grad)],
             });
         }
         s.step += 1;
@@ -123,33 +133,23 @@ impl AdamW {
         let t = s.step as i32;
         let bc1 = 1.0 - f64::from(cfg.beta1).powi(t);
         let bc2_sqrt = (1.0 - f64::from(cfg.beta2).powi(t)).sqrt();
-        let step_size = (lr / bc1) as f32;
-        let inv_bc2_sqrt = (1.0 / bc2_sqrt) as f32;
-        let decay = (1.0 - lr * f64::from(cfg.weight_decay)) as f32;
-        let (b1, b2, eps) = (cfg.beta1, cfg.beta2, cfg.eps);
-        let kernel = |p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]| {
-            for i in 0..p.len() {
-                let gi = g[i];
-                // lerp form, as torch: m += (1-β1)(g-m)
-                let mi = m[i] + (1.0 - b1) * (gi - m[i]);
-                let vi = b2 * v[i] + (1.0 - b2) * gi * gi;
-                m[i] = mi;
-                v[i] = vi;
-                let denom = vi.sqrt() * inv_bc2_sqrt + eps;
-                p[i] = p[i] * decay - step_size * mi / denom;
-            }
+        let h = AdamWStep {
+            beta1: cfg.beta1,
+            beta2: cfg.beta2,
+            eps: cfg.eps,
+            step_size: (lr / bc1) as f32,
+            inv_bc2_sqrt: (1.0 / bc2_sqrt) as f32,
+            decay: (1.0 - lr * f64::from(cfg.weight_decay)) as f32,
         };
-        if s.len <= PAR_CHUNK {
-            kernel(param, &mut s.exp_avg, &mut s.exp_avg_sq, grad);
-        } else {
-            param
-                .par_chunks_mut(PAR_CHUNK)
-                .zip(s.exp_avg.par_chunks_mut(PAR_CHUNK))
-                .zip(s.exp_avg_sq.par_chunks_mut(PAR_CHUNK))
-                .zip(grad.par_chunks(PAR_CHUNK))
-                .for_each(|(((p, m), v), g)| kernel(p, m, v, g));
-        }
-        Ok(())
+        self.backend
+            .adamw(
+                param,
+                grad,
+                B::view_mut(&mut s.exp_avg),
+                B::view_mut(&mut s.exp_avg_sq),
+                h,
+            )
+            .map_err(dev_err)
     }
 }
 
@@ -179,69 +179,91 @@ impl Default for MuonConfig {
     }
 }
 
-struct MuonSlot {
+struct MuonSlot<B: Backend> {
     name: String,
     rows: usize,
     cols: usize,
     lr: f32,
-    momentum_buffer: Vec<f32>,
+    momentum_buffer: B::Buf,
 }
 
 /// Work buffers of the Newton–Schulz iteration, sized for the largest registered matrix.
-#[derive(Default)]
-struct NsScratch {
-    x: Vec<f32>,
-    x_next: Vec<f32>,
-    xt: Vec<f32>,
-    gram: Vec<f32>,
-    poly: Vec<f32>,
-}
-
-impl NsScratch {
-    fn reserve(&mut self, rows: usize, cols: usize) {
-        let m = rows.min(cols);
-        let mn = rows * cols;
-        for buf in [&mut self.x, &mut self.x_next, &mut self.xt] {
-            if buf.len() < mn {
-                buf.resize(mn, 0.0);
-            }
-        }
-        for buf in [&mut self.gram, &mut self.poly] {
-            if buf.len() < m * m {
-                buf.resize(m * m, 0.0);
-            }
-        }
-    }
+struct NsScratch<B: Backend> {
+    x: B::Buf,
+    x_next: B::Buf,
+    gram: B::Buf,
+    poly: B::Buf,
+    /// Elements of `x`/`x_next` and of `gram`/`poly`.
+    sizes: (usize, usize),
 }
 
 /// Muon: momentum SGD whose update is orthogonalised by a quintic Newton–Schulz iteration.
-pub struct Muon {
+pub struct Muon<B: Backend = Cpu> {
+    backend: B,
     cfg: MuonConfig,
-    slots: Vec<MuonSlot>,
-    scratch: NsScratch,
+    slots: Vec<MuonSlot<B>>,
+    scratch: Option<NsScratch<B>>,
 }
 
-impl Muon {
-    /// An optimizer with no parameters yet.
+impl Muon<Cpu> {
+    /// A CPU optimizer with no parameters yet.
     pub fn new(cfg: MuonConfig) -> Self {
+        Self::new_on(Cpu, cfg)
+    }
+}
+
+impl<B: Backend> Muon<B> {
+    /// An optimizer on `backend` with no parameters yet.
+    pub fn new_on(backend: B, cfg: MuonConfig) -> Self {
         Self {
+            backend,
             cfg,
             slots: Vec::new(),
-            scratch: NsScratch::default(),
+            scratch: None,
         }
     }
 
+    fn reserve(&mut self, rows: usize, cols: usize) -> Result<(), TrainError> {
+        let m = rows.min(cols);
+        let (mn, mm) = (rows * cols, m * m);
+        let (have_mn, have_mm) = self.scratch.as_ref().map_or((0, 0), |s| s.sizes);
+        if have_mn >= mn && have_mm >= mm {
+            return Ok(());
+        }
+        let (mn, mm) = (mn.max(have_mn), mm.max(have_mm));
+        let be = &self.backend;
+        let what = "Newton–Schulz scratch";
+        self.scratch = Some(NsScratch {
+            x: be.alloc(mn, what).map_err(dev_err)?,
+            x_next: be.alloc(mn, what).map_err(dev_err)?,
+            gram: be.alloc(mm, what).map_err(dev_err)?,
+            poly: be.alloc(mm, what).map_err(dev_err)?,
+            sizes: (mn, mm),
+        });
+        Ok(())
+    }
+
     /// Registers a `rows × cols` matrix (row-major, PyTorch `[out, in]`) with base lr `lr`.
-    pub fn add_param(&mut self, name: &str, rows: usize, cols: usize, lr: f32) -> usize {
-        self.scratch.reserve(rows, cols);
+    pub fn add_param(
+        &mut self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+        lr: f32,
+    ) -> Result<usize, TrainError> {
+        self.reserve(rows, cols)?;
+        let buf = self
+            .backend
+            .alloc(rows * cols, &format!("Muon momentum of {name}"))
+            .map_err(dev_err)?;
         self.slots.push(MuonSlot {
             name: name.to_string(),
             rows,
             cols,
             lr,
-            momentum_buffer: vec![0.0; rows * cols],
+            momentum_buffer: buf,
         });
-        self.slots.len() - 1
+        Ok(self.slots.len() - 1)
     }
 
     /// Sets the momentum used by the next steps (the loop's warmup schedule).
@@ -263,25 +285,29 @@ impl Muon {
     pub fn update(
         &mut self,
         slot: usize,
-        param: &mut [f32],
-        grad: &[f32],
+        param: B::ViewMut<'_>,
+        grad: B::View<'_>,
         lr_mult: f32,
     ) -> Result<(), TrainError> {
         let cfg = self.cfg;
+        let be = &self.backend;
         let s = self
             .slots
             .get_mut(slot)
             .ok_or_else(|| TrainError::Optimizer(format!("Muon has no slot {slot}")))?;
         let (rows, cols) = (s.rows, s.cols);
         let n = rows * cols;
-        if param.len() != n || grad.len() != n {
+        if B::len_mut(&param) != n || B::len(&grad) != n {
             return Err(TrainError::Shape {
                 name: s.name.clone(),
                 expected: vec![rows, cols],
-                got: vec![param.len(), grad.len()],
+                got: vec![B::len_mut(&param), B::len(&grad)],
             });
         }
-        let mu = cfg.momentum;
+        let sc = self
+            .scratch
+            .as_mut()
+            .ok_or_else(|| TrainError::Optimizer("Muon scratch missing".into()))?;
         // Work in the wide orientation (m ≤ n) so the Gram matrix X·Xᵀ is the small one.
         let transposed = rows > cols;
         let (m, k) = if transposed {
@@ -290,132 +316,119 @@ impl Muon {
             (rows, cols)
         };
         let bf16 = cfg.bf16_newton_schulz;
-        let rnd = |v: f32| if bf16 { round_bf16(v) } else { v };
-        let sc = &mut self.scratch;
-        // Momentum buffer update and Nesterov blend (element-wise, parallel); a tall matrix is
-        // then transposed into X by the parallel blocked transpose.
+        // Momentum buffer update and Nesterov blend; a tall matrix is then transposed into X.
         {
             let u = if transposed {
-                &mut sc.x_next[..n]
+                prefix_mut::<B>(&mut sc.x_next, n)
             } else {
-                &mut sc.x[..n]
+                prefix_mut::<B>(&mut sc.x, n)
             };
-            let nesterov = cfg.nesterov;
-            s.momentum_buffer
-                .par_chunks_mut(PAR_CHUNK)
-                .zip(grad.par_chunks(PAR_CHUNK))
-                .zip(u.par_chunks_mut(PAR_CHUNK))
-                .for_each(|((buf, g), u)| {
-                    for ((b, &g), u) in buf.iter_mut().zip(g).zip(u.iter_mut()) {
-                        let nb = *b + (1.0 - mu) * (g - *b);
-                        *b = nb;
-                        *u = rnd(if nesterov { g + mu * (nb - g) } else { nb });
-                    }
-                });
+            be.muon_momentum(
+                B::view_mut(&mut s.momentum_buffer),
+                grad,
+                u,
+                cfg.momentum,
+                cfg.nesterov,
+                bf16,
+            )
+            .map_err(dev_err)?;
             if transposed {
-                transpose(rows, cols, &sc.x_next[..n], &mut sc.x[..n]);
+                be.transpose(
+                    prefix::<B>(&sc.x_next, n),
+                    rows,
+                    cols,
+                    prefix_mut::<B>(&mut sc.x, n),
+                )
+                .map_err(dev_err)?;
             }
         }
-        let x = &mut sc.x[..n];
-        // Frobenius norm from per-chunk partial sums added in a fixed order: the result does
-        // not depend on how rayon splits the work (exact resume).
-        let partial: Vec<f64> = x
-            .par_chunks(PAR_CHUNK)
-            .map(|c| c.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>())
-            .collect();
-        let norm = partial.iter().sum::<f64>().sqrt();
-        let denom = rnd(rnd(norm as f32) + 1e-7);
-        par_map(x, |v| rnd(v / denom));
-
-        let (a, b, c) = NS_COEFFS;
+        // Frobenius norm summed in f64 in a fixed order (exact resume), on the device.
+        be.frobenius_normalize(prefix_mut::<B>(&mut sc.x, n), 1e-7, bf16)
+            .map_err(dev_err)?;
         for _ in 0..cfg.ns_steps {
-            let x = &sc.x[..n];
-            let gram = &mut sc.gram[..m * m];
-            gram.fill(0.0);
-            if bf16 {
-                // X·Xᵀ straight from X: the bf16 kernel packs the second operand transposed.
-                gemm_bf16(Op::N, Op::T, m, m, k, x, x, gram)?;
-                par_map(gram, round_bf16);
-                // The reference evaluates `c * A @ A` as `(c·A) @ A` (same precedence, left to
-                // right); in bf16 the rounding of c·A matters, so reproduce that order.
-                let scaled = &mut sc.x_next[..m * m];
-                scaled
-                    .par_chunks_mut(PAR_CHUNK)
-                    .zip(gram.par_chunks(PAR_CHUNK))
-                    .for_each(|(d, g)| {
-                        d.iter_mut()
-                            .zip(g)
-                            .for_each(|(d, &g)| *d = round_bf16(c * g))
-                    });
-                let poly = &mut sc.poly[..m * m];
-                poly.fill(0.0);
-                gemm_bf16(Op::N, Op::N, m, m, m, scaled, gram, poly)?;
-                par_zip(poly, gram, |p, g| {
-                    round_bf16(round_bf16(b * g) + round_bf16(p))
-                });
-                // a·X + B·X: B·X alone first, so it is rounded before the sum.
-                let x_next = &mut sc.x_next[..n];
-                x_next.fill(0.0);
-                gemm_bf16(Op::N, Op::N, m, k, m, poly, x, x_next)?;
-                par_zip(x_next, x, |d, s| {
-                    round_bf16(round_bf16(a * s) + round_bf16(d))
-                });
-            } else {
-                let xt = &mut sc.xt[..n];
-                transpose(m, k, x, xt);
-                gemm(m, m, k, x, xt, gram)?;
-                let poly = &mut sc.poly[..m * m];
-                poly.fill(0.0);
-                gemm(m, m, m, gram, gram, poly)?;
-                // poly = b·A + c·A²
-                par_zip(poly, gram, |p, g| b * g + c * p);
-                let x_next = &mut sc.x_next[..n];
-                x_next
-                    .par_chunks_mut(PAR_CHUNK)
-                    .zip(x.par_chunks(PAR_CHUNK))
-                    .for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(d, &s)| *d = a * s));
-                gemm(m, k, m, poly, x, x_next)?;
-            }
+            newton_schulz_step(be, sc, m, k, bf16).map_err(dev_err)?;
             std::mem::swap(&mut sc.x, &mut sc.x_next);
         }
-
         let scale = (rows as f32 / cols as f32).max(1.0).sqrt();
         let alpha = s.lr * lr_mult * scale;
         let update = if transposed {
             // Back to the parameter's [rows, cols] layout.
-            transpose(cols, rows, &sc.x[..n], &mut sc.x_next[..n]);
-            &sc.x_next[..n]
+            be.transpose(
+                prefix::<B>(&sc.x, n),
+                cols,
+                rows,
+                prefix_mut::<B>(&mut sc.x_next, n),
+            )
+            .map_err(dev_err)?;
+            prefix::<B>(&sc.x_next, n)
         } else {
-            &sc.x[..n]
+            prefix::<B>(&sc.x, n)
         };
-        par_zip(param, update, |p, u| p - alpha * u);
-        Ok(())
+        // p − α·u, written as (−α)·u + 1·p (the same IEEE result).
+        be.axpby(param, 1.0, update, -alpha, false).map_err(dev_err)
     }
 }
 
-/// `x[i] = f(x[i])`, in parallel chunks.
-fn par_map(x: &mut [f32], f: impl Fn(f32) -> f32 + Sync) {
-    x.par_chunks_mut(PAR_CHUNK)
-        .for_each(|c| c.iter_mut().for_each(|v| *v = f(*v)));
-}
-
-/// `x[i] = f(x[i], y[i])`, in parallel chunks.
-fn par_zip(x: &mut [f32], y: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) {
-    x.par_chunks_mut(PAR_CHUNK)
-        .zip(y.par_chunks(PAR_CHUNK))
-        .for_each(|(xc, yc)| xc.iter_mut().zip(yc).for_each(|(v, &w)| *v = f(*v, w)));
-}
-
-/// C (m×n) += A (m×k) · B (k×n), row-major, f32.
-fn gemm(
+/// One quintic Newton–Schulz iteration `X' = a·X + (b·A + c·A²)·X` with `A = X·Xᵀ` (`X` is
+/// `m × k`, m ≤ k), from `sc.x` into `sc.x_next`.
+fn newton_schulz_step<B: Backend>(
+    be: &B,
+    sc: &mut NsScratch<B>,
     m: usize,
-    n: usize,
     k: usize,
-    a: &[f32],
-    b: &[f32],
-    c: &mut [f32],
-) -> Result<(), TrainError> {
-    trueno::blis::gemm(m, n, k, a, b, c).map_err(|e| TrainError::Optimizer(format!("gemm: {e}")))
+    bf16: bool,
+) -> nanochat_model::compute::Result<()> {
+    let (a, b, c) = NS_COEFFS;
+    let n = m * k;
+    let prec = if bf16 {
+        MatmulPrecision::Bf16
+    } else {
+        MatmulPrecision::F32
+    };
+    let g = |ta, tb, m, n, k, beta| Gemm {
+        ta,
+        tb,
+        m,
+        n,
+        k,
+        alpha: 1.0,
+        beta,
+        precision: prec,
+    };
+    let x = B::slice(B::view(&sc.x), 0..n);
+    let gram = B::slice_mut(B::view_mut(&mut sc.gram), 0..m * m);
+    // A = X·Xᵀ (the bf16 kernel packs the second operand transposed).
+    be.gemm(g(false, true, m, m, k, 0.0), x, x, gram)?;
+    let gram_v = B::slice(B::view(&sc.gram), 0..m * m);
+    let poly = B::slice_mut(B::view_mut(&mut sc.poly), 0..m * m);
+    if bf16 {
+        be.round_bf16(B::slice_mut(B::view_mut(&mut sc.gram), 0..m * m))?;
+        let gram_v = B::slice(B::view(&sc.gram), 0..m * m);
+        // The reference evaluates `c * A @ A` as `(c·A) @ A` (same precedence, left to right);
+        // in bf16 the rounding of c·A matters, so reproduce that order.
+        let scaled = B::slice_mut(B::view_mut(&mut sc.x_next), 0..m * m);
+        be.scale_copy(gram_v, scaled, c, true)?;
+        let scaled = B::slice(B::view(&sc.x_next), 0..m * m);
+        be.gemm(g(false, false, m, m, m, 0.0), scaled, gram_v, poly)?;
+        let poly = B::slice_mut(B::view_mut(&mut sc.poly), 0..m * m);
+        be.axpby(poly, 1.0, gram_v, b, true)?;
+        // a·X + B·X: B·X alone first, so it is rounded before the sum.
+        let poly = B::slice(B::view(&sc.poly), 0..m * m);
+        let x_next = B::slice_mut(B::view_mut(&mut sc.x_next), 0..n);
+        be.gemm(g(false, false, m, k, m, 0.0), poly, x, x_next)?;
+        let x_next = B::slice_mut(B::view_mut(&mut sc.x_next), 0..n);
+        be.axpby(x_next, 1.0, x, a, true)
+    } else {
+        be.gemm(g(false, false, m, m, m, 0.0), gram_v, gram_v, poly)?;
+        // poly = b·A + c·A²
+        let poly = B::slice_mut(B::view_mut(&mut sc.poly), 0..m * m);
+        be.axpby(poly, c, gram_v, b, false)?;
+        let x_next = B::slice_mut(B::view_mut(&mut sc.x_next), 0..n);
+        be.scale_copy(x, x_next, a, false)?;
+        let poly = B::slice(B::view(&sc.poly), 0..m * m);
+        let x_next = B::slice_mut(B::view_mut(&mut sc.x_next), 0..n);
+        be.gemm(g(false, false, m, k, m, 1.0), poly, x, x_next)
+    }
 }
 
 /// Which optimizer (and which learning rate) a parameter gets in the nanochat recipe.
@@ -478,9 +491,9 @@ enum Slot {
 }
 
 /// Both optimizers of the nanochat recipe behind one name-addressed step.
-pub struct NanochatOptimizer {
-    adamw: AdamW,
-    muon: Muon,
+pub struct NanochatOptimizer<B: Backend = Cpu> {
+    adamw: AdamW<B>,
+    muon: Muon<B>,
     slots: HashMap<String, Slot>,
     order: Vec<String>,
 }
@@ -494,45 +507,64 @@ pub struct OptimizerMeta {
     pub muon_momentum: f32,
 }
 
-impl NanochatOptimizer {
-    /// Builds the optimizers like `GPT.setup_optimizers`: AdamW lrs scaled by `1/√(d_model/768)`,
-    /// Muon for the block matrices. `params` lists every parameter's name and shape.
+/// One optimizer state tensor copied to the host: (name, shape, data).
+pub type StateTensor = (String, Vec<usize>, Vec<f32>);
+
+impl NanochatOptimizer<Cpu> {
+    /// Builds the CPU optimizers (see [`NanochatOptimizer::new_on`]).
     pub fn new<'a>(
         params: impl IntoIterator<Item = (&'a str, &'a [usize])>,
         model_dim: usize,
         settings: OptimizerSettings,
     ) -> Result<Self, TrainError> {
+        Self::new_on(Cpu, params, model_dim, settings)
+    }
+}
+
+impl<B: Backend> NanochatOptimizer<B> {
+    /// Builds the optimizers like `GPT.setup_optimizers`: AdamW lrs scaled by `1/√(d_model/768)`,
+    /// Muon for the block matrices, every state buffer on `backend`. `params` lists every
+    /// parameter's name and shape.
+    pub fn new_on<'a>(
+        backend: B,
+        params: impl IntoIterator<Item = (&'a str, &'a [usize])>,
+        model_dim: usize,
+        settings: OptimizerSettings,
+    ) -> Result<Self, TrainError> {
         let dmodel_lr_scale = (model_dim as f64 / 768.0).powf(-0.5);
-        let mut adamw = AdamW::new(AdamWConfig {
-            weight_decay: settings.weight_decay,
-            ..AdamWConfig::default()
-        });
-        let mut muon = Muon::new(MuonConfig {
-            bf16_newton_schulz: settings.muon_bf16,
-            ..MuonConfig::default()
-        });
+        let mut adamw = AdamW::new_on(
+            backend.clone(),
+            AdamWConfig {
+                weight_decay: settings.weight_decay,
+                ..AdamWConfig::default()
+            },
+        );
+        let mut muon = Muon::new_on(
+            backend,
+            MuonConfig {
+                bf16_newton_schulz: settings.muon_bf16,
+                ..MuonConfig::default()
+            },
+        );
         let mut slots = HashMap::new();
         let mut order = Vec::new();
         for (name, shape) in params {
             let len: usize = shape.iter().product();
+            let scaled = |lr: f32| (f64::from(lr) * dmodel_lr_scale) as f32;
             let slot = match ParamRole::of(name) {
-                Some(ParamRole::Embedding) => Slot::AdamW(adamw.add_param(
-                    name,
-                    len,
-                    (f64::from(settings.embedding_lr) * dmodel_lr_scale) as f32,
-                )),
-                Some(ParamRole::Unembedding) => Slot::AdamW(adamw.add_param(
-                    name,
-                    len,
-                    (f64::from(settings.unembedding_lr) * dmodel_lr_scale) as f32,
-                )),
+                Some(ParamRole::Embedding) => {
+                    Slot::AdamW(adamw.add_param(name, len, scaled(settings.embedding_lr))?)
+                }
+                Some(ParamRole::Unembedding) => {
+                    Slot::AdamW(adamw.add_param(name, len, scaled(settings.unembedding_lr))?)
+                }
                 Some(ParamRole::Matrix) => {
                     if shape.len() != 2 {
                         return Err(TrainError::Optimizer(format!(
                             "Muon needs 2-D matrices, `{name}` has shape {shape:?}"
                         )));
                     }
-                    Slot::Muon(muon.add_param(name, shape[0], shape[1], settings.matrix_lr))
+                    Slot::Muon(muon.add_param(name, shape[0], shape[1], settings.matrix_lr)?)
                 }
                 None => {
                     return Err(TrainError::Optimizer(format!(
@@ -553,6 +585,21 @@ impl NanochatOptimizer {
             slots,
             order,
         })
+    }
+
+    /// The optimizers for every parameter of `model`, on its device.
+    pub fn for_model(model: &Gpt<B>, settings: OptimizerSettings) -> Result<Self, TrainError> {
+        let shapes: Vec<(String, Vec<usize>)> = model
+            .param_specs()
+            .iter()
+            .map(|s| (s.name.clone(), s.shape.to_vec()))
+            .collect();
+        Self::new_on(
+            model.backend().clone(),
+            shapes.iter().map(|(n, s)| (n.as_str(), s.as_slice())),
+            model.config().n_embd,
+            settings,
+        )
     }
 
     /// Number of registered parameters.
@@ -582,7 +629,7 @@ impl NanochatOptimizer {
     pub fn step<'a>(
         &mut self,
         lr_mult: f32,
-        params: impl IntoIterator<Item = (&'a str, &'a mut [f32], &'a [f32])>,
+        params: impl IntoIterator<Item = (&'a str, B::ViewMut<'a>, B::View<'a>)>,
     ) -> Result<(), TrainError> {
         let mut seen = 0usize;
         for (name, data, grad) in params {
@@ -605,30 +652,53 @@ impl NanochatOptimizer {
         Ok(())
     }
 
-    /// Every state vector as (tensor name, shape, data): `adamw.<p>.exp_avg`,
-    /// `adamw.<p>.exp_avg_sq`, `muon.<p>.momentum_buffer`.
-    pub fn state_tensors(&self) -> Vec<(String, Vec<usize>, &[f32])> {
+    /// Steps every parameter of `model` from its accumulated gradients.
+    pub fn step_model(&mut self, model: &mut Gpt<B>, lr_mult: f32) -> Result<(), TrainError> {
+        let views = model.step_views().map_err(dev_err)?;
+        let mut rest = views.params;
+        let mut consumed = 0;
+        let mut items = Vec::with_capacity(views.layout.len());
+        for (spec, slot) in views.specs.iter().zip(views.layout) {
+            let (_, tail) = B::split_at_mut(rest, slot.offset - consumed);
+            let (data, tail) = B::split_at_mut(tail, slot.len());
+            rest = tail;
+            consumed = slot.offset + slot.len();
+            let grad = B::slice(views.grads, slot.range());
+            items.push((spec.name.as_str(), data, grad));
+        }
+        self.step(lr_mult, items)
+    }
+
+    /// Every state vector copied to the host as (tensor name, shape, data):
+    /// `adamw.<p>.exp_avg`, `adamw.<p>.exp_avg_sq`, `muon.<p>.momentum_buffer`.
+    pub fn state_tensors(&self) -> Result<Vec<StateTensor>, TrainError> {
+        let be = &self.adamw.backend;
+        let host = |buf: &B::Buf, len: usize| -> Result<Vec<f32>, TrainError> {
+            let mut v = vec![0.0; len];
+            be.download(B::view(buf), &mut v).map_err(dev_err)?;
+            Ok(v)
+        };
         let mut out = Vec::new();
         for s in &self.adamw.slots {
             out.push((
                 format!("adamw.{}.exp_avg", s.name),
                 vec![s.len],
-                &s.exp_avg[..],
+                host(&s.exp_avg, s.len)?,
             ));
             out.push((
                 format!("adamw.{}.exp_avg_sq", s.name),
                 vec![s.len],
-                &s.exp_avg_sq[..],
+                host(&s.exp_avg_sq, s.len)?,
             ));
         }
         for s in &self.muon.slots {
             out.push((
                 format!("muon.{}.momentum_buffer", s.name),
                 vec![s.rows, s.cols],
-                &s.momentum_buffer[..],
+                host(&s.momentum_buffer, s.rows * s.cols)?,
             ));
         }
-        out
+        Ok(out)
     }
 
     /// Scalar state (step counts, momentum).
@@ -663,9 +733,17 @@ impl NanochatOptimizer {
             }
             Ok(v)
         };
+        let be = self.adamw.backend.clone();
+        let put = |buf: &mut B::Buf, v: &[f32]| be.upload(v, B::view_mut(buf)).map_err(dev_err);
         for s in &mut self.adamw.slots {
-            s.exp_avg = fetch(format!("adamw.{}.exp_avg", s.name), s.len)?;
-            s.exp_avg_sq = fetch(format!("adamw.{}.exp_avg_sq", s.name), s.len)?;
+            put(
+                &mut s.exp_avg,
+                &fetch(format!("adamw.{}.exp_avg", s.name), s.len)?,
+            )?;
+            put(
+                &mut s.exp_avg_sq,
+                &fetch(format!("adamw.{}.exp_avg_sq", s.name), s.len)?,
+            )?;
             s.step = meta
                 .adamw_steps
                 .iter()
@@ -676,7 +754,8 @@ impl NanochatOptimizer {
                 })?;
         }
         for s in &mut self.muon.slots {
-            s.momentum_buffer = fetch(format!("muon.{}.momentum_buffer", s.name), s.rows * s.cols)?;
+            let v = fetch(format!("muon.{}.momentum_buffer", s.name), s.rows * s.cols)?;
+            put(&mut s.momentum_buffer, &v)?;
         }
         self.muon.set_momentum(meta.muon_momentum);
         Ok(())
@@ -716,12 +795,13 @@ pub fn muon_momentum_at(step: u64) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nanochat_model::compute::round_bf16;
 
     #[test]
     fn adamw_first_step_moves_each_weight_by_lr_against_the_gradient_sign() {
         // After one bias-corrected step, m̂ = g and √v̂ = |g|, so Δp = −lr·sign(g).
         let mut opt = AdamW::new(AdamWConfig::default());
-        let slot = opt.add_param("w", 4, 0.1);
+        let slot = opt.add_param("w", 4, 0.1).unwrap();
         let mut p = vec![1.0, 1.0, 1.0, 1.0];
         let g = vec![0.5, -2.0, 1e-3, -1e-3];
         opt.update(slot, &mut p, &g, 1.0).unwrap();
@@ -737,7 +817,7 @@ mod tests {
             weight_decay: 0.5,
             ..AdamWConfig::default()
         });
-        let slot = opt.add_param("w", 2, 0.1);
+        let slot = opt.add_param("w", 2, 0.1).unwrap();
         let mut p = vec![2.0, -4.0];
         opt.update(slot, &mut p, &[0.0, 0.0], 1.0).unwrap();
         assert!((p[0] - 2.0 * 0.95).abs() < 1e-6 && (p[1] + 4.0 * 0.95).abs() < 1e-6);
@@ -746,7 +826,7 @@ mod tests {
     #[test]
     fn adamw_rejects_wrong_length() {
         let mut opt = AdamW::new(AdamWConfig::default());
-        let slot = opt.add_param("w", 3, 0.1);
+        let slot = opt.add_param("w", 3, 0.1).unwrap();
         let err = opt.update(slot, &mut [0.0; 2], &[0.0; 2], 1.0).unwrap_err();
         assert!(err.to_string().contains('w'));
     }
@@ -760,7 +840,7 @@ mod tests {
             ns_steps: 5,
             bf16_newton_schulz: false,
         });
-        let slot = muon.add_param("m", rows, cols, 1.0);
+        let slot = muon.add_param("m", rows, cols, 1.0).unwrap();
         let mut state = 12345u64;
         let g: Vec<f32> = (0..rows * cols)
             .map(|_| {

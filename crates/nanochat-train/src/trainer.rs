@@ -15,17 +15,15 @@ use std::time::Instant;
 use nanochat_data::chat_batches::{PaddedBatches, StreamBatches};
 use nanochat_data::{Batch, DataError, PackerState, PretrainLoader};
 use nanochat_model::{
-    load_checkpoint, save_checkpoint, CheckpointMeta, Gpt, MatmulPrecision, ParamMut, Reduction,
+    load_checkpoint_on, save_checkpoint, Backend, CheckpointMeta, Device, Gpt, MatmulPrecision,
+    Reduction,
 };
 use nanochat_tokenizer::Tokenizer;
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 
-use crate::optim::{
-    clip_grad_norm, grad_norm, muon_momentum_at, NanochatOptimizer, OptimizerMeta,
-    OptimizerSettings,
-};
+use crate::optim::{muon_momentum_at, NanochatOptimizer, OptimizerMeta, OptimizerSettings};
 use crate::schedule::LrSchedule;
 use crate::TrainError;
 
@@ -119,10 +117,14 @@ pub struct LoopConfig {
     #[serde(default = "d_true")]
     pub muon_bf16: bool,
     /// Arithmetic of the model's matmuls: `"f32"` (default) or `"bf16"` (bf16 operands, f32
-    /// accumulation; the CPU analogue of the reference's bf16 autocast, ~2× the matmul rate on
-    /// CPUs with AVX-512 BF16). Weights, gradients and optimizer state stay f32 either way.
+    /// accumulation; the reference's bf16 autocast: tensor cores on a GPU, ~2× the matmul rate
+    /// on CPUs with AVX-512 BF16). Weights, gradients and optimizer state stay f32 either way.
     #[serde(default)]
     pub matmul_precision: MatmulPrecision,
+    /// Where to train: `"cpu"` (default), `"cuda"` (the GPU `LOCAL_RANK` names, else 0) or
+    /// `"cuda:N"`.
+    #[serde(default)]
+    pub device: Device,
     /// Multiplies every initial lr (nanochat's mid/SFT stages start from a fraction).
     #[serde(default = "d_1")]
     pub init_lr_frac: f64,
@@ -344,10 +346,10 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
     out
 }
 
-fn save_training_checkpoint(
+fn save_training_checkpoint<B: Backend>(
     work: &Path,
-    model: &Gpt,
-    opt: &NanochatOptimizer,
+    model: &Gpt<B>,
+    opt: &NanochatOptimizer<B>,
     state: &TrainState,
     meta: &CheckpointMeta,
 ) -> Result<PathBuf, TrainError> {
@@ -360,7 +362,7 @@ fn save_training_checkpoint(
     let mut m = meta.clone();
     m.step = state.step;
     save_checkpoint(model, &tmp.join("model"), &m)?;
-    let tensors = opt.state_tensors();
+    let tensors = opt.state_tensors()?;
     let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
         .iter()
         .map(|(n, s, d)| (n.clone(), s.clone(), f32_bytes(d)))
@@ -411,20 +413,20 @@ fn list_checkpoints(work: &Path) -> Vec<PathBuf> {
     out
 }
 
-struct Loaded {
-    model: Gpt,
+struct Loaded<B: Backend> {
+    model: Gpt<B>,
     state: TrainState,
     optim: Vec<u8>,
 }
 
-fn load_training_checkpoint(dir: &Path) -> Result<Loaded, TrainError> {
+fn load_training_checkpoint<B: Backend>(backend: B, dir: &Path) -> Result<Loaded<B>, TrainError> {
     let state_path = dir.join(STATE_FILE);
     let text = std::fs::read(&state_path).map_err(io(&state_path))?;
     let state: TrainState = serde_json::from_slice(&text).map_err(|e| TrainError::Checkpoint {
         path: state_path.clone(),
         reason: e.to_string(),
     })?;
-    let (model, _) = load_checkpoint(&dir.join("model"))?;
+    let (model, _) = load_checkpoint_on(backend, &dir.join("model"))?;
     let optim_path = dir.join(OPTIM_FILE);
     let optim = std::fs::read(&optim_path).map_err(io(&optim_path))?;
     SafeTensors::deserialize(&optim).map_err(|e| TrainError::Checkpoint {
@@ -438,8 +440,8 @@ fn load_training_checkpoint(dir: &Path) -> Result<Loaded, TrainError> {
     })
 }
 
-fn restore_optimizer(
-    opt: &mut NanochatOptimizer,
+fn restore_optimizer<B: Backend>(
+    opt: &mut NanochatOptimizer<B>,
     meta: &OptimizerMeta,
     bytes: &[u8],
     origin: &Path,
@@ -463,8 +465,8 @@ fn restore_optimizer(
 
 /// Validation bits per byte over `batches` batches: summed nats of the targets that are real
 /// text (special tokens, whose byte length is 0, are left out) over their UTF-8 bytes.
-pub fn evaluate_bpb(
-    model: &mut Gpt,
+pub fn evaluate_bpb<B: Backend>(
+    model: &mut Gpt<B>,
     val: &mut dyn BatchSource,
     batches: usize,
     token_bytes: &[u32],
@@ -498,7 +500,11 @@ pub fn evaluate_bpb(
 }
 
 /// Greedy continuation of `prompt` (no KV cache: fine for short samples during training).
-pub fn greedy_sample(model: &Gpt, prompt: &[u32], max_new: usize) -> Result<Vec<u32>, TrainError> {
+pub fn greedy_sample<B: Backend>(
+    model: &Gpt<B>,
+    prompt: &[u32],
+    max_new: usize,
+) -> Result<Vec<u32>, TrainError> {
     let vocab = model.config().vocab_size;
     let max_len = model.config().sequence_len;
     let mut ids = prompt.to_vec();
@@ -534,11 +540,46 @@ pub struct TrainJob<'a> {
     pub interrupted: &'a (dyn Fn() -> bool + Sync),
 }
 
-/// Runs (or resumes) training of `model`. `make_train(state)` builds the training batch source
-/// at a saved data position (`None`: the start); `make_val()` builds a fresh validation source.
-pub fn train(
+/// Moves `model` (built on the host, so its initialisation is the same on every device) to
+/// `cfg.device` and [`train`]s it there. Errors when the device cannot be opened, saying why.
+pub fn train_on_device(
     job: TrainJob<'_>,
     model: Gpt,
+    make_train: &mut dyn FnMut(Option<PackerState>) -> Result<Box<dyn BatchSource>, TrainError>,
+    make_val: &mut dyn FnMut() -> Result<Box<dyn BatchSource>, TrainError>,
+) -> Result<Outcome, TrainError> {
+    struct Task<'j, 'f> {
+        job: TrainJob<'j>,
+        model: Gpt,
+        make_train:
+            &'f mut dyn FnMut(Option<PackerState>) -> Result<Box<dyn BatchSource>, TrainError>,
+        make_val: &'f mut dyn FnMut() -> Result<Box<dyn BatchSource>, TrainError>,
+    }
+    impl nanochat_model::compute::BackendTask for Task<'_, '_> {
+        type Output = Result<Outcome, TrainError>;
+        fn run<B: Backend>(self, backend: B) -> Self::Output {
+            let model = self.model.to_backend(backend)?;
+            train(self.job, model, self.make_train, self.make_val)
+        }
+    }
+    let device = job.cfg.device;
+    nanochat_model::compute::with_backend(
+        device,
+        Task {
+            job,
+            model,
+            make_train,
+            make_val,
+        },
+    )
+    .map_err(nanochat_model::ModelError::from)?
+}
+
+/// Runs (or resumes) training of `model`. `make_train(state)` builds the training batch source
+/// at a saved data position (`None`: the start); `make_val()` builds a fresh validation source.
+pub fn train<B: Backend>(
+    job: TrainJob<'_>,
+    model: Gpt<B>,
     make_train: &mut dyn FnMut(Option<PackerState>) -> Result<Box<dyn BatchSource>, TrainError>,
     make_val: &mut dyn FnMut() -> Result<Box<dyn BatchSource>, TrainError>,
 ) -> Result<Outcome, TrainError> {
@@ -554,7 +595,7 @@ pub fn train(
     let mut ckpts = list_checkpoints(&job.dirs.work);
     ckpts.sort();
     for dir in ckpts.iter().rev() {
-        match load_training_checkpoint(dir) {
+        match load_training_checkpoint(model.backend().clone(), dir) {
             Ok(l) => {
                 if l.model.config() != model.config() {
                     return Err(TrainError::Checkpoint {
@@ -578,7 +619,8 @@ pub fn train(
     model.set_matmul_precision(cfg.matmul_precision);
     // The whole bill (gradients, optimizer state, bf16 packs, activations of the largest
     // micro-batch), checked before any of it is allocated.
-    let need = nanochat_model::memory::check_training(
+    let need = nanochat_model::memory::check_training_on(
+        model.backend(),
         model.config(),
         cfg.device_batch_size,
         model.config().sequence_len,
@@ -589,16 +631,8 @@ pub fn train(
         activations_mib = need.activations >> 20,
         "memory estimate"
     );
-    let specs: Vec<(String, Vec<usize>)> = model
-        .param_specs()
-        .iter()
-        .map(|s| (s.name.clone(), s.shape.to_vec()))
-        .collect();
-    let mut opt = NanochatOptimizer::new(
-        specs.iter().map(|(n, s)| (n.as_str(), s.as_slice())),
-        model.config().n_embd,
-        cfg.optimizer_settings(),
-    )?;
+    tracing::info!(device = %model.backend().describe(), "training device");
+    let mut opt = NanochatOptimizer::for_model(&model, cfg.optimizer_settings())?;
     if let Some((bytes, origin)) = &saved_optim {
         let meta = state
             .optimizer
@@ -653,14 +687,14 @@ pub fn train(
     let mut last_val: Option<f64> = None;
 
     let mut do_eval =
-        |model: &mut Gpt, step: u64, state: &mut TrainState| -> Result<f64, TrainError> {
+        |model: &mut Gpt<B>, step: u64, state: &mut TrainState| -> Result<f64, TrainError> {
             let mut val = make_val()?;
             let bpb = evaluate_bpb(model, val.as_mut(), cfg.eval_batches, &token_bytes)?;
             state.min_val_bpb = Some(state.min_val_bpb.map_or(bpb, |m| m.min(bpb)));
             tracing::info!(step, val_bpb = bpb, "validation");
             Ok(bpb)
         };
-    let sample = |model: &Gpt, step: u64| -> Result<(), TrainError> {
+    let sample = |model: &Gpt<B>, step: u64| -> Result<(), TrainError> {
         for p in &cfg.sample_prompts {
             let mut ids = vec![job.tokenizer.bos_id()];
             ids.extend(job.tokenizer.encode(p));
@@ -729,23 +763,13 @@ pub fn train(
         }
         let lrm = schedule.multiplier(step);
         opt.set_muon_momentum(muon_momentum_at(step));
-        let norm = {
-            let mut pm = model.params_mut();
-            let mut ps: Vec<ParamMut<'_>> = pm.iter_mut().collect();
-            let norm = if cfg.grad_clip > 0.0 {
-                clip_grad_norm(ps.iter_mut().map(|p| &mut *p.grad), cfg.grad_clip)
-            } else {
-                grad_norm(ps.iter().map(|p| &*p.grad))
-            };
-            opt.step(
-                lrm as f32,
-                ps.into_iter().map(|p| {
-                    let g: &[f32] = p.grad;
-                    (p.name, p.data, g)
-                }),
-            )?;
-            norm
+        // Clipping reads the global norm back once; the optimizer step reads nothing.
+        let norm = if cfg.grad_clip > 0.0 {
+            model.clip_grad_norm(f64::from(cfg.grad_clip))?
+        } else {
+            model.grad_norm()?
         };
+        opt.step_model(&mut model, lrm as f32)?;
         let dt = t0.elapsed().as_secs_f64();
         state.step += 1;
         state.data = last_data;
@@ -772,7 +796,7 @@ pub fn train(
                 step: state.step,
                 loss: Some(loss),
                 lr_mult: Some(lrm),
-                grad_norm: Some(f64::from(norm)),
+                grad_norm: Some(norm),
                 tok_per_s: Some(tok_per_s),
                 mfu,
                 val_bpb: None,

@@ -157,6 +157,7 @@ fn state_round_trip_restores_identical_next_step() {
     step(&mut a, &mut params);
     let saved: HashMap<String, Vec<f32>> = a
         .state_tensors()
+        .unwrap()
         .into_iter()
         .map(|(n, _, d)| (n, d.to_vec()))
         .collect();

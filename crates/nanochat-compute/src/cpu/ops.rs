@@ -5,12 +5,14 @@
 
 use rayon::prelude::*;
 
-use crate::error::Result;
-use crate::kernels::bf16::{gemm_bf16_with, GemmOpts, Op};
-use crate::kernels::{
+use super::bf16::{gemm_bf16_with, GemmOpts, Op};
+use super::kernels::{
     axpy_generic, dot, dot_generic, fast_exp, gemm_acc, gemm_set, has_avx2, max_lanes, sum_lanes,
-    transpose, MatmulPrecision,
+    transpose,
 };
+pub(crate) use crate::backend::AttnShape;
+use crate::error::Result;
+use crate::Precision as MatmulPrecision;
 
 /// `F.rms_norm`'s default epsilon for float32 inputs.
 pub(crate) const RMS_EPS: f32 = f32::EPSILON;
@@ -73,52 +75,37 @@ pub(crate) fn rmsnorm_bwd(
         });
 }
 
-/// Rotary tables `[positions, head_dim/2]`, computed in f64 then rounded once to f32.
-/// (The reference rounds them to bf16 for speed; the fixtures pin the exact math, as do we.)
-pub(crate) struct Rope {
-    pub(crate) cos: Vec<f32>,
-    pub(crate) sin: Vec<f32>,
-    pub(crate) half: usize,
-}
-
-impl Rope {
-    pub(crate) fn new(positions: usize, head_dim: usize, base: f64) -> Self {
-        let half = head_dim / 2;
-        let mut cos = Vec::with_capacity(positions * half);
-        let mut sin = Vec::with_capacity(positions * half);
-        for t in 0..positions {
-            for i in 0..half {
-                let inv_freq = 1.0 / base.powf((2 * i) as f64 / head_dim as f64);
-                let f = t as f64 * inv_freq;
-                cos.push(f.cos() as f32);
-                sin.push(f.sin() as f32);
-            }
-        }
-        Rope { cos, sin, half }
-    }
-
-    /// Rotates every head of every token in place; `inverse` applies the transpose rotation
-    /// (which is the backward pass, rotations being orthogonal).
-    pub(crate) fn apply(&self, x: &mut [f32], heads: usize, positions: &[usize], inverse: bool) {
-        let d = 2 * self.half;
-        let sign = if inverse { -1.0 } else { 1.0 };
-        x.par_chunks_mut(heads * d)
-            .zip(positions.par_iter())
-            .with_min_len(ROWS_PER_TASK)
-            .for_each(|(row, &p)| {
-                let c = &self.cos[p * self.half..(p + 1) * self.half];
-                let s = &self.sin[p * self.half..(p + 1) * self.half];
-                for head in row.chunks_exact_mut(d) {
-                    let (x1, x2) = head.split_at_mut(self.half);
-                    for i in 0..self.half {
-                        let (a, b) = (x1[i], x2[i]);
-                        let si = sign * s[i];
-                        x1[i] = a * c[i] + b * si;
-                        x2[i] = b * c[i] - a * si;
-                    }
+/// Rotates every head of every token in place (`cos`/`sin`: `[positions, head_dim/2]`);
+/// `inverse` applies the transpose rotation (which is the backward pass, rotations being
+/// orthogonal).
+pub(crate) fn rope_apply(
+    x: &mut [f32],
+    heads: usize,
+    head_dim: usize,
+    positions: &[i32],
+    cos: &[f32],
+    sin: &[f32],
+    inverse: bool,
+) {
+    let half = head_dim / 2;
+    let sign = if inverse { -1.0 } else { 1.0 };
+    x.par_chunks_mut(heads * head_dim)
+        .zip(positions.par_iter())
+        .with_min_len(ROWS_PER_TASK)
+        .for_each(|(row, &p)| {
+            let p = p as usize;
+            let c = &cos[p * half..(p + 1) * half];
+            let s = &sin[p * half..(p + 1) * half];
+            for head in row.chunks_exact_mut(head_dim) {
+                let (x1, x2) = head.split_at_mut(half);
+                for i in 0..half {
+                    let (a, b) = (x1[i], x2[i]);
+                    let si = sign * s[i];
+                    x1[i] = a * c[i] + b * si;
+                    x2[i] = b * c[i] - a * si;
                 }
-            });
-    }
+            }
+        });
 }
 
 /// A raw pointer that rayon tasks may share when each writes a disjoint part.
@@ -133,19 +120,6 @@ impl SharedMut {
     unsafe fn slice(&self, off: usize, len: usize) -> &mut [f32] {
         std::slice::from_raw_parts_mut(self.0.add(off), len)
     }
-}
-
-/// Attention geometry for a full (training) batch.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct AttnShape {
-    pub(crate) b: usize,
-    pub(crate) t: usize,
-    pub(crate) h: usize,
-    pub(crate) hk: usize,
-    pub(crate) d: usize,
-    /// Arithmetic of the score and output GEMMs (`Q·Kᵀ`, `P·V` and their gradients); the
-    /// softmax and its log-sum-exp stay f32 either way, as in a bf16 flash attention.
-    pub(crate) precision: MatmulPrecision,
 }
 
 /// One GEMM of a single attention task in bf16: `c (+)= op(a)·op(b)`, serial (the task is
@@ -542,40 +516,35 @@ fn carve<const N: usize>(buf: &mut [f32], len: usize) -> [&mut [f32]; N] {
 
 /// Attention of new tokens against a KV cache. Token `i` (cache row `rows[i]`, position
 /// `positions[i]`) attends to cache positions `0..=positions[i]` of its row. `q`, `y`:
-/// `[M, H, D]`; `k_rows(r)`/`v_rows(r)` give row `r`'s cache as `[capacity, Hk, D]`.
+/// `[M, H, D]`; `k_cache`, `v_cache`: one layer's `[rows, capacity, Hk, D]`.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn attention_cached<'a>(
-    h: usize,
-    hk: usize,
-    d: usize,
+pub(crate) fn attention_cached(
+    s: crate::backend::DecodeShape,
     q: &[f32],
-    positions: &[usize],
-    rows: &[usize],
-    kv_row: &(dyn Fn(usize) -> (&'a [f32], &'a [f32]) + Sync),
+    positions: &[i32],
+    rows: &[i32],
+    k_cache: &[f32],
+    v_cache: &[f32],
     y: &mut [f32],
 ) {
+    let (h, hk, d) = (s.h, s.hk, s.d);
     let rep = h / hk;
     let scale = 1.0 / (d as f32).sqrt();
     let kd = hk * d;
+    let row_len = s.capacity * kd;
     // Decode attention is O(positions·D) per head: tiny next to the weight reads, so no SIMD
     // dispatch here.
     y.par_chunks_mut(d).enumerate().for_each(|(idx, out)| {
         let (i, head) = (idx / h, idx % h);
         let g = head / rep;
-        let (kc, vc) = kv_row(rows[i]);
-        let n = positions[i] + 1;
+        let r = rows[i] as usize;
+        let kc = &k_cache[r * row_len..(r + 1) * row_len];
+        let vc = &v_cache[r * row_len..(r + 1) * row_len];
+        let n = positions[i] as usize + 1;
         let qv = &q[idx * d..(idx + 1) * d];
-        let mut scores = vec![0f32; n];
-        attend_one(
-            qv,
-            &kc[g * d..],
-            &vc[g * d..],
-            kd,
-            n,
-            scale,
-            &mut scores,
-            out,
-        );
+        with_task_scratch(n, |scores| {
+            attend_one(qv, &kc[g * d..], &vc[g * d..], kd, n, scale, scores, out)
+        });
     });
 }
 
@@ -610,7 +579,7 @@ pub(crate) fn softcapped_ce_row(
     if let Some(c) = softcap {
         let inv = 1.0 / c;
         for zi in z.iter_mut() {
-            *zi = c * crate::kernels::fast_tanh(*zi * inv);
+            *zi = c * super::kernels::fast_tanh(*zi * inv);
         }
     }
     if target < 0 && grad_scale.is_none() {

@@ -1,7 +1,6 @@
-//! Every dense-math kernel the model calls, behind one narrow interface.
+//! The CPU backend's dense-math kernels over row-major `f32` slices.
 //!
-//! Model code only sees row-major `f32` slices and these functions; a GPU (wgpu) or bf16 backend
-//! replaces this module without touching `model.rs`. GEMMs go to `trueno::blis` (BLIS-style,
+//! GEMMs go to `trueno::blis` (BLIS-style,
 //! AVX2/AVX-512 micro-kernels chosen at run time, rayon-parallel over rows of C). trueno only
 //! multiplies NN, so `Aᵀ·B` transposes A into caller-owned scratch first: the transpose is
 //! O(m·k) memory traffic against an O(m·n·k) product, i.e. noise for our shapes.
@@ -11,36 +10,9 @@
 
 use rayon::prelude::*;
 
-use crate::error::{ModelError, Result};
-
-pub mod bf16;
-
-/// Arithmetic of the model's dense matmuls: linear layers, lm_head and the attention GEMMs
-/// (`Q·Kᵀ`, `P·V` and their gradients). Softmax, norms and every element-wise op stay f32.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum MatmulPrecision {
-    /// f32 operands and accumulation (the reference's numerics on CPU; parity tests use it).
-    #[default]
-    F32,
-    /// bf16 operands (rounded to nearest even), f32 accumulation: the CPU analogue of the
-    /// reference's `torch.autocast(dtype=bfloat16)` GPU training, on AVX-512 BF16 about twice
-    /// the f32 GEMM rate. Weights, gradients and optimizer state stay f32.
-    Bf16,
-}
-
-impl std::str::FromStr for MatmulPrecision {
-    type Err = ModelError;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "f32" => Ok(Self::F32),
-            "bf16" => Ok(Self::Bf16),
-            other => Err(ModelError::InvalidConfig(format!(
-                "matmul precision must be \"f32\" or \"bf16\", got {other:?}"
-            ))),
-        }
-    }
-}
+use super::bf16;
+use crate::error::{ComputeError, Result};
+use crate::Precision as MatmulPrecision;
 
 /// `c (+)= a·b` (`a: [m, k]`, `b: [k, n]`) at `precision`; `accumulate = false` overwrites `c`.
 #[allow(clippy::too_many_arguments)]
@@ -99,7 +71,7 @@ pub fn gemm_acc(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32
         return Ok(());
     }
     if a.len() != m * k || b.len() != k * n || c.len() != m * n {
-        return Err(ModelError::Kernel(format!(
+        return Err(ComputeError::Kernel(format!(
             "gemm {m}x{n}x{k}: operand lengths {} {} {}",
             a.len(),
             b.len(),
@@ -147,7 +119,7 @@ thread_local! {
 }
 
 fn trueno_gemm(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32]) -> Result<()> {
-    trueno::blis::gemm(m, n, k, a, b, c).map_err(|e| ModelError::Kernel(format!("gemm: {e}")))
+    trueno::blis::gemm(m, n, k, a, b, c).map_err(|e| ComputeError::Kernel(format!("gemm: {e}")))
 }
 
 /// `c = a·b` (overwrites `c`).

@@ -3,8 +3,8 @@
 
 use std::time::Instant;
 
-use nanochat_model::kernels::bf16::{gemm_bf16, Op};
-use nanochat_model::kernels::{gemm_acc, gemm_tn_acc};
+use nanochat_compute::cpu::bf16::{gemm_bf16, Op};
+use nanochat_compute::cpu::kernels::{gemm_acc, gemm_tn_acc};
 
 fn main() {
     // (label, op_a, m, n, k)

@@ -38,7 +38,7 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
-use crate::error::{ModelError, Result};
+use crate::error::{ComputeError, Result};
 
 /// Rows of `C` per micro-kernel tile.
 pub const MR: usize = 14;
@@ -105,7 +105,7 @@ pub fn has_avx512_bf16() -> bool {
 
 fn check_lengths((m, n, k): (usize, usize, usize), a: &[f32], b: &[f32], c: &[f32]) -> Result<()> {
     if a.len() != m * k || b.len() != k * n || c.len() != m * n {
-        return Err(ModelError::Kernel(format!(
+        return Err(ComputeError::Kernel(format!(
             "bf16 gemm {m}x{n}x{k}: operand lengths {} {} {} (want {} {} {})",
             a.len(),
             b.len(),
@@ -213,7 +213,7 @@ pub fn gemm_bf16_portable(
     let br = rounded_row_major(op_b == Op::T, k, n, b);
     // Through the f32 kernel interface, not trueno directly: it keeps ragged row tiles off
     // trueno's scalar edge kernel.
-    super::gemm_acc(m, n, k, &ar, &br, c)
+    super::kernels::gemm_acc(m, n, k, &ar, &br, c)
 }
 
 /// A `B` operand converted and packed once, for GEMMs that reuse it (model weights between
@@ -249,10 +249,10 @@ impl PackedB {
     }
 
     /// Packs `b` (`[k, n]` for [`Op::N`], stored `[n, k]` for [`Op::T`]). An allocation failure
-    /// is an [`ModelError::OutOfMemory`] error, not an abort.
+    /// is an [`ComputeError::OutOfMemory`] error, not an abort.
     pub fn new(op_b: Op, k: usize, n: usize, b: &[f32]) -> Result<Self> {
         if b.len() != k * n {
-            return Err(ModelError::Kernel(format!(
+            return Err(ComputeError::Kernel(format!(
                 "bf16 pack {k}x{n}: operand length {} (want {})",
                 b.len(),
                 k * n
@@ -263,10 +263,10 @@ impl PackedB {
             let len = n.div_ceil(NR) * k.div_ceil(2) * NR;
             let mut words: Vec<u32> = Vec::new();
             words.try_reserve_exact(len + 16).map_err(|_| {
-                ModelError::oom(
+                ComputeError::oom(
                     format!("bf16 weight pack {k}x{n}"),
                     ((len + 16) * 4) as u64,
-                    crate::memory::available_memory(),
+                    crate::host::available_memory(),
                 )
             })?;
             words.resize(len + 16, 0);
@@ -314,7 +314,7 @@ pub fn gemm_bf16_prepacked_with(
 ) -> Result<()> {
     let (k, n) = (b.k, b.n);
     if a.len() != m * k || c.len() != m * n {
-        return Err(ModelError::Kernel(format!(
+        return Err(ComputeError::Kernel(format!(
             "bf16 gemm {m}x{n}x{k} (prepacked B): operand lengths {} {} (want {} {})",
             a.len(),
             c.len(),
@@ -348,7 +348,7 @@ pub fn gemm_bf16_prepacked_with(
         PackedRepr::Rounded(br) => {
             let ar = rounded_row_major(op_a == Op::T, m, k, a);
             trueno::blis::gemm(m, n, k, &ar, br, c)
-                .map_err(|e| ModelError::Kernel(format!("bf16 gemm (portable): {e}")))
+                .map_err(|e| ComputeError::Kernel(format!("bf16 gemm (portable): {e}")))
         }
     }
 }
@@ -357,7 +357,7 @@ pub fn gemm_bf16_prepacked_with(
 fn rounded_row_major(transposed: bool, rows: usize, cols: usize, x: &[f32]) -> Vec<f32> {
     if transposed {
         let mut out = vec![0f32; rows * cols];
-        super::transpose(cols, rows, x, &mut out);
+        super::kernels::transpose(cols, rows, x, &mut out);
         out.par_iter_mut().for_each(|v| *v = round_bf16(*v));
         out
     } else {
@@ -403,10 +403,10 @@ impl PackBuf {
             // Operand packs reach tens of MB (the lm_head's dlogits chunk): a failed allocation
             // is an error for the caller, not an abort.
             buf.try_reserve_exact(need - buf.len()).map_err(|_| {
-                ModelError::oom(
+                ComputeError::oom(
                     "bf16 GEMM operand pack",
                     (need * 4) as u64,
-                    crate::memory::available_memory(),
+                    crate::host::available_memory(),
                 )
             })?;
             buf.resize(need, 0);
