@@ -203,9 +203,12 @@ const USERNS_HINT: &str =
 /// Sets the in-sandbox process limit when asked (argv[2] > 0: `RLIMIT_NPROC`, which must be
 /// set inside bubblewrap's user namespace to count only the sandbox's processes), replaces
 /// dangerous functions with `None`, then runs `program.py` with fresh globals and reports the
-/// outcome through the exit code and a nonce line that only this runner prints.
+/// outcome through the exit code and a nonce line that only this runner prints. Its first
+/// stderr line (`<nonce>-started`) tells a program that failed from one that never ran.
 const RUNNER: &str = r#"import sys
 _nonce = sys.argv[1]
+sys.__stderr__.write(_nonce + "-started\n")
+sys.__stderr__.flush()
 _nproc = int(sys.argv[2])
 if _nproc > 0:
     import resource
@@ -330,23 +333,30 @@ impl Sandbox {
         self.limit
     }
 
-    /// The pids cgroup hierarchy, if a run's cgroup can be created there and joined.
+    /// The first pids cgroup directory where a run's cgroup can be created and joined.
     fn usable_pids_hierarchy(&self) -> Option<PidsHierarchy> {
         if self.cfg.max_processes == 0 {
             return None;
         }
-        let hierarchy = PidsHierarchy::locate()?;
-        let run = match hierarchy.create_run(8) {
-            Ok(run) => run,
-            Err(e) => {
-                tracing::debug!(path = %hierarchy.path().display(), error = %e, "sandbox: no pids cgroup");
-                return None;
+        PidsHierarchy::locate().into_iter().find(|hierarchy| {
+            let run = match hierarchy.create_run(8) {
+                Ok(run) => run,
+                Err(e) => {
+                    tracing::debug!(path = %hierarchy.path().display(), error = %e, "sandbox: no pids cgroup here");
+                    return false;
+                }
+            };
+            let mut cmd = Command::new(&self.python);
+            cmd.args(["-I", "-c", "pass"]);
+            self.install_pre_exec(&mut cmd, 0, Some(run.procs_file()));
+            match probe(cmd) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::debug!(path = %hierarchy.path().display(), error = %e, "sandbox: cannot join a pids cgroup here");
+                    false
+                }
             }
-        };
-        let mut cmd = Command::new(&self.python);
-        cmd.args(["-I", "-c", "pass"]);
-        self.install_pre_exec(&mut cmd, 0, Some(run.procs_file()));
-        probe(cmd).ok().map(|()| hierarchy)
+        })
     }
 
     /// The first bubblewrap profile that starts the interpreter, or why there is none.
@@ -564,6 +574,25 @@ impl Sandbox {
         let read = |name: &str| read_capped(&path.join(name));
         let stdout = read("stdout.txt");
         let stderr = read("stderr.txt");
+        // The runner's first line: without it the program never ran (bwrap or the interpreter
+        // failed to start), which must not be scored as a wrong answer.
+        let started = format!("{nonce}-started\n");
+        let stderr = match stderr.strip_prefix(started.as_str()) {
+            Some(rest) => rest.to_string(),
+            None if timed_out => stderr,
+            None => {
+                return Err(EvalError::Sandbox(format!(
+                    "the {} sandbox did not start the program ({status}): {}",
+                    self.isolation().as_str(),
+                    stderr
+                        .trim()
+                        .lines()
+                        .take(5)
+                        .collect::<Vec<_>>()
+                        .join(" | ")
+                )))
+            }
+        };
         let ran_through = status.code() == Some(0)
             && stdout.trim_end().rsplit('\n').next() == Some(nonce.as_str());
         // bwrap reports a child killed by signal N as exit status 128 + N.
@@ -571,9 +600,6 @@ impl Sandbox {
             (Mode::Bubblewrap(_), Some(c)) if c > 128 => Some(c - 128),
             _ => None,
         });
-        if matches!(self.mode, Mode::Bubblewrap(_)) && stderr.starts_with("bwrap: ") {
-            tracing::warn!(stderr = %stderr.lines().next().unwrap_or(""), "sandbox: bubblewrap failed to start a run");
-        }
         let cpu_killed = signal == Some(libc::SIGXCPU);
         let memory_exceeded = status.code() == Some(3) || stderr.contains("MemoryError");
         let timeout = timed_out || cpu_killed;

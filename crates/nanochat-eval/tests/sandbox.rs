@@ -454,6 +454,27 @@ fn the_sandbox_sees_only_its_own_processes_and_no_user_files() {
     }
 }
 
+/// A program the sandbox could not start (here: an interpreter that cannot load in 4 MiB) is
+/// an error, not a wrong answer that would silently lower a score.
+#[test]
+fn a_program_that_never_started_is_an_error() {
+    let cfg = SandboxConfig {
+        memory_bytes: 4 << 20,
+        ..config()
+    };
+    for bwrap in ["bwrap", ""] {
+        let Ok(sb) = Sandbox::new(SandboxConfig {
+            bwrap: bwrap.into(),
+            ..cfg.clone()
+        }) else {
+            eprintln!("NOTICE: no python3; skipping");
+            return;
+        };
+        let err = sb.execute("pass\n").unwrap_err().to_string();
+        assert!(err.contains("did not start the program"), "{err}");
+    }
+}
+
 /// `require_isolation = true` refuses the seatbelt.
 #[test]
 fn require_isolation_makes_the_fallback_an_error() {
@@ -489,7 +510,7 @@ fn require_isolation_makes_the_fallback_an_error() {
 /// problem's canonical body) get the same outcome, item by item, under bubblewrap and the
 /// seatbelt.
 #[test]
-#[ignore = "runs 984 Python processes (~3 min on 2 cores); scripts/slow-tests.sh"]
+#[ignore = "runs 984 Python processes (~45 s on 2 cores); scripts/slow-tests.sh"]
 fn shared_humaneval_outcomes_are_the_same_in_both_modes() {
     use nanochat_eval::chat::{grade_completions, load_chat_task, ChatKind, GenerativeOptions};
     let Some(shared) = nanochat_eval::testing::shared_dir() else {

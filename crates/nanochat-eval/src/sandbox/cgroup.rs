@@ -6,7 +6,10 @@
 //! group), so that all of them can be killed when the run ends. It needs a writable cgroup
 //! hierarchy with the pids controller (cgroup v1's `pids` mount, or cgroup v2 with `pids`
 //! enabled for the children of this process's cgroup): usually root on a machine or VM, or a
-//! delegated subtree. [`PidsHierarchy::locate`] finds it; the sandbox probes it once.
+//! delegated subtree. [`PidsHierarchy::locate`] lists the candidates: this process's own
+//! cgroup, then the root of the hierarchy as mounted (on cgroup v2 a cgroup that has processes
+//! cannot enable controllers for its children, so on a systemd host run as root only the root
+//! works); the sandbox probes them once, in that order.
 
 use std::ffi::CString;
 use std::io;
@@ -28,12 +31,15 @@ static NEXT_RUN: AtomicU64 = AtomicU64::new(0);
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl PidsHierarchy {
-    /// This process's own pids cgroup, if the pids controller is mounted; `None` otherwise.
-    /// Whether children can be created in it is found out by the caller's probe.
-    pub(super) fn locate() -> Option<PidsHierarchy> {
-        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-        let cgroups = std::fs::read_to_string("/proc/self/cgroup").ok()?;
-        locate_in(&mountinfo, &cgroups).map(|parent| PidsHierarchy { parent })
+    /// This process's own pids cgroup, then the hierarchy's mount point, if the pids
+    /// controller is mounted; empty otherwise. Whether run cgroups can be created in them is
+    /// found out by the caller's probe.
+    pub(super) fn locate() -> Vec<PidsHierarchy> {
+        let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+        locate_in(&read("/proc/self/mountinfo"), &read("/proc/self/cgroup"))
+            .into_iter()
+            .map(|parent| PidsHierarchy { parent })
+            .collect()
     }
 
     /// Create an empty cgroup that allows at most `max_tasks` processes and threads.
@@ -130,9 +136,23 @@ impl Drop for RunCgroup {
     }
 }
 
-/// The directory of this process's pids cgroup, from `/proc/self/mountinfo` and
-/// `/proc/self/cgroup`: cgroup v1's `pids` hierarchy when mounted, else the v2 hierarchy.
-fn locate_in(mountinfo: &str, cgroups: &str) -> Option<PathBuf> {
+/// The directory of this process's pids cgroup, then the hierarchy's mount point when that is
+/// another directory, from `/proc/self/mountinfo` and `/proc/self/cgroup`: cgroup v1's `pids`
+/// hierarchy when mounted, else the v2 hierarchy.
+fn locate_in(mountinfo: &str, cgroups: &str) -> Vec<PathBuf> {
+    locate_own(mountinfo, cgroups)
+        .map(|(own, mount_point)| {
+            let mut v = vec![own];
+            if v[0] != mount_point {
+                v.push(mount_point);
+            }
+            v
+        })
+        .unwrap_or_default()
+}
+
+/// This process's pids cgroup directory and the mount point of its hierarchy.
+fn locate_own(mountinfo: &str, cgroups: &str) -> Option<(PathBuf, PathBuf)> {
     let mut v1 = None;
     let mut v2 = None;
     for line in mountinfo.lines() {
@@ -181,7 +201,10 @@ fn locate_in(mountinfo: &str, cgroups: &str) -> Option<PathBuf> {
         .filter(|_| root != "/")
         .unwrap_or(&path)
         .trim_start_matches('/');
-    Some(Path::new(&mount_point).join(below))
+    Some((
+        Path::new(&mount_point).join(below),
+        PathBuf::from(mount_point),
+    ))
 }
 
 #[cfg(test)]
@@ -195,16 +218,20 @@ mod tests {
 39 30 0:35 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
 ";
 
+    fn paths(p: &[&str]) -> Vec<PathBuf> {
+        p.iter().map(PathBuf::from).collect()
+    }
+
     #[test]
     fn v1_pids_hierarchy_wins_over_v2() {
         let cgroups = "8:pids:/user.slice/u\n4:memory:/m\n0::/user.slice/u/s.scope\n";
         assert_eq!(
             locate_in(HYBRID_MOUNTS, cgroups),
-            Some(PathBuf::from("/sys/fs/cgroup/pids/user.slice/u"))
+            paths(&["/sys/fs/cgroup/pids/user.slice/u", "/sys/fs/cgroup/pids"])
         );
         assert_eq!(
             locate_in(HYBRID_MOUNTS, "8:pids:/\n0::/\n"),
-            Some(PathBuf::from("/sys/fs/cgroup/pids"))
+            paths(&["/sys/fs/cgroup/pids"])
         );
     }
 
@@ -213,7 +240,7 @@ mod tests {
         let mounts = "30 25 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n";
         assert_eq!(
             locate_in(mounts, "0::/system.slice/ci.service\n"),
-            Some(PathBuf::from("/sys/fs/cgroup/system.slice/ci.service"))
+            paths(&["/sys/fs/cgroup/system.slice/ci.service", "/sys/fs/cgroup"])
         );
     }
 
@@ -222,14 +249,14 @@ mod tests {
         let mounts = "40 30 0:34 /docker/abc /sys/fs/cgroup/pids ro - cgroup cgroup rw,pids\n";
         assert_eq!(
             locate_in(mounts, "5:pids:/docker/abc/job\n"),
-            Some(PathBuf::from("/sys/fs/cgroup/pids/job"))
+            paths(&["/sys/fs/cgroup/pids/job", "/sys/fs/cgroup/pids"])
         );
     }
 
     #[test]
     fn no_pids_controller_no_hierarchy() {
         let mounts = "39 30 0:35 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n";
-        assert_eq!(locate_in(mounts, "4:memory:/\n"), None);
-        assert_eq!(locate_in("", ""), None);
+        assert!(locate_in(mounts, "4:memory:/\n").is_empty());
+        assert!(locate_in("", "").is_empty());
     }
 }
