@@ -264,6 +264,32 @@ fn ctypes_system_and_fork_undo_the_python_guard() {
 }
 
 #[test]
+fn the_time_limit_kills_the_program_and_its_children() {
+    let cfg = SandboxConfig {
+        timeout_s: 3.0,
+        ..Default::default()
+    };
+    for sb in modes(cfg) {
+        let name = unique_name();
+        // the program names itself, so its children (and itself) can be looked for afterwards
+        let prog = format!(
+            "import ctypes, posix, time\nctypes.CDLL(None).prctl(15, {name:?}.encode(), 0, 0, 0)\n\
+             for _ in range(3):\n    if posix.fork() == 0:\n        time.sleep(60)\n\
+             while True:\n    pass\n"
+        );
+        let t0 = Instant::now();
+        let out = run(&sb, &prog);
+        assert!(!out.success && out.timeout, "{out:?}");
+        assert!(t0.elapsed().as_secs_f64() < 15.0);
+        assert!(
+            !survivors(&name),
+            "{}: children survived",
+            sb.isolation().as_str()
+        );
+    }
+}
+
+#[test]
 fn setsid_then_sleep() {
     for sb in modes(config()) {
         let name = unique_name();
