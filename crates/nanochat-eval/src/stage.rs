@@ -21,7 +21,7 @@ use crate::jsonl::{read_jsonl, write_atomic};
 use crate::model::{EvalTokenizer, Generator, LogProbModel};
 use crate::results::{write_jsonl, FailureSummary, ItemResult, SkippedItem};
 use crate::resume::{file_digest, TaskCheckpoints};
-use crate::sandbox::{Sandbox, SandboxConfig};
+use crate::sandbox::{Isolation, ProcessLimit, Sandbox, SandboxConfig};
 use crate::{EvalError, Result};
 
 /// Which evaluation suite to run.
@@ -194,6 +194,12 @@ pub struct ChatSection {
     pub gsm8k_overlap_excluded: bool,
     /// Whether HumanEval ran without network access.
     pub sandbox_network_isolated: Option<bool>,
+    /// Which sandbox ran HumanEval's programs (`bubblewrap` or `seatbelt`).
+    #[serde(default)]
+    pub sandbox_isolation: Option<Isolation>,
+    /// What bounded the process count of HumanEval's programs.
+    #[serde(default)]
+    pub sandbox_process_limit: Option<ProcessLimit>,
 }
 
 /// The `metrics.json` of an eval artifact.
@@ -573,6 +579,20 @@ pub fn run_eval_resumable(
                                 notes.push(NOT_ISOLATED_NOTE.into());
                             }
                         }
+                        if let Some(isolation) = r
+                            .extra
+                            .get("isolation")
+                            .and_then(|v| serde_json::from_value::<Isolation>(v.clone()).ok())
+                        {
+                            section.sandbox_isolation = Some(isolation);
+                            if isolation == Isolation::Seatbelt {
+                                notes.push(SEATBELT_NOTE.into());
+                            }
+                        }
+                        section.sandbox_process_limit = r
+                            .extra
+                            .get("process_limit")
+                            .and_then(|v| serde_json::from_value(v.clone()).ok());
                         (r.score, r.results, r.skipped)
                     }
                     None => {
@@ -611,14 +631,21 @@ pub fn run_eval_resumable(
                             if name == "HumanEval" && sandbox.is_none() {
                                 let sb = Sandbox::new(cfg.sandbox.clone())?;
                                 section.sandbox_network_isolated = Some(sb.network_isolated());
+                                section.sandbox_isolation = Some(sb.isolation());
+                                section.sandbox_process_limit = Some(sb.process_limit());
                                 if !sb.network_isolated() {
                                     notes.push(NOT_ISOLATED_NOTE.into());
+                                }
+                                if sb.isolation() == Isolation::Seatbelt {
+                                    notes.push(SEATBELT_NOTE.into());
                                 }
                                 sandbox = Some(sb);
                             }
                             if name == "HumanEval" {
                                 extra = serde_json::json!({
                                     "network_isolated": section.sandbox_network_isolated,
+                                    "isolation": section.sandbox_isolation,
+                                    "process_limit": section.sandbox_process_limit,
                                 });
                             }
                             evaluate_generative(
@@ -749,6 +776,10 @@ enum ChatSource {
 
 const NOT_ISOLATED_NOTE: &str =
     "HumanEval ran WITHOUT network isolation (the kernel refused a network namespace)";
+
+const SEATBELT_NOTE: &str = "HumanEval ran in the seatbelt sandbox, not bubblewrap (missing, \
+     turned off or refused): generated code could read and write the user's files \
+     (docs/eval.md, \"The HumanEval sandbox\")";
 
 /// Resolve a possibly relative path against `base`.
 pub fn resolve(base: &Path, p: &Path) -> PathBuf {

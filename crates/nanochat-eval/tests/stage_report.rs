@@ -216,6 +216,18 @@ fn chat_stage_runs_all_tasks_and_computes_chatcore() {
     assert!(200 < want && want < 256, "{want}");
     let he = chat.tasks.iter().find(|t| t.task == "HumanEval").unwrap();
     assert_eq!((he.items, he.correct), (1, 1));
+    // the sandbox that ran it is recorded, and the fallback is noted
+    let sb = nanochat_eval::sandbox::Sandbox::new(Default::default()).unwrap();
+    assert_eq!(chat.sandbox_isolation, Some(sb.isolation()));
+    assert_eq!(chat.sandbox_process_limit, Some(sb.process_limit()));
+    assert_eq!(chat.sandbox_network_isolated, Some(sb.network_isolated()));
+    let seatbelt_noted = m.notes.iter().any(|n| n.contains("seatbelt"));
+    assert_eq!(
+        seatbelt_noted,
+        sb.isolation() == nanochat_eval::sandbox::Isolation::Seatbelt,
+        "{:?}",
+        m.notes
+    );
     let gsm = chat.tasks.iter().find(|t| t.task == "GSM8K").unwrap();
     assert_eq!((gsm.items, gsm.excluded, gsm.correct), (2, 1, 1));
     assert!(chat.gsm8k_overlap_excluded);
