@@ -54,6 +54,10 @@ struct WorkerResult {
 struct Shared {
     /// Stage index -> the pids of its running processes (one per local rank).
     children: Mutex<HashMap<usize, Vec<u32>>>,
+    /// Pids of `srun` processes. A single SIGINT only makes srun print its tasks' states, and
+    /// SIGTERM makes it kill the step at once; two SIGINTs within a second make it send SIGINT
+    /// to every task, then SIGTERM and, after Slurm's KillWait, SIGKILL. So they get two.
+    srun_pids: Mutex<BTreeSet<u32>>,
     interrupted: AtomicBool,
     signals: AtomicUsize,
 }
@@ -319,6 +323,7 @@ pub fn run(
     let t0 = Instant::now();
     let shared = Arc::new(Shared {
         children: Mutex::new(HashMap::new()),
+        srun_pids: Mutex::new(BTreeSet::new()),
         interrupted: AtomicBool::new(false),
         signals: AtomicUsize::new(0),
     });
@@ -347,9 +352,17 @@ pub fn run(
                     )
                 });
                 if let Ok(children) = shared.children.lock() {
+                    let srun = shared
+                        .srun_pids
+                        .lock()
+                        .map(|s| s.clone())
+                        .unwrap_or_default();
                     for &pid in children.values().flatten() {
                         // SAFETY: plain syscall; the pid is a child we spawned and have not reaped.
                         unsafe { libc::kill(pid as libc::pid_t, forward) };
+                    }
+                    if forward != libc::SIGKILL && !srun.is_empty() {
+                        interrupt_srun_again(Arc::clone(&shared), srun, forward);
                     }
                 }
             }
@@ -752,7 +765,7 @@ fn run_stage(
     binaries: &Binaries,
     job: &Job,
     idx: usize,
-    shared: &Shared,
+    shared: &Arc<Shared>,
     progress: &MultiProgress,
     mode: VerifyMode,
 ) -> Result<WorkerResult> {
@@ -968,6 +981,11 @@ fn run_stage(
         };
         if let Ok(mut c) = shared.children.lock() {
             c.entry(idx).or_default().push(child.id());
+            if matches!(stage.launch, Launch::Slurm { .. }) {
+                if let Ok(mut s) = shared.srun_pids.lock() {
+                    s.insert(child.id());
+                }
+            }
         }
         for stream in [
             child
@@ -994,6 +1012,10 @@ fn run_stage(
         for c in &children {
             // SAFETY: plain syscall on our own unreaped child.
             unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGINT) };
+        }
+        if matches!(stage.launch, Launch::Slurm { .. }) {
+            let pids = children.iter().map(|c| c.id()).collect();
+            interrupt_srun_again(Arc::clone(shared), pids, libc::SIGINT);
         }
     }
     let status = wait_ranks(&mut children, idx, shared);
@@ -1111,6 +1133,9 @@ fn wait_ranks(
                 if let Some(running) = m.get_mut(&idx) {
                     running.retain(|&p| p != c.id());
                 }
+                if let Ok(mut s) = shared.srun_pids.lock() {
+                    s.remove(&c.id());
+                }
             }
             if !st.success() && first_failure.is_none() {
                 first_failure = Some(r);
@@ -1145,4 +1170,21 @@ fn wait_ranks(
         std::process::ExitStatus::from_raw(1 << 8)
     });
     Ok((status, first_failure.filter(|_| n > 1)))
+}
+
+/// The second signal an `srun` needs (see [`Shared::srun_pids`]), 300 ms after the first, to
+/// those of `pids` that are still running.
+fn interrupt_srun_again(shared: Arc<Shared>, pids: BTreeSet<u32>, sig: libc::c_int) {
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        let Ok(children) = shared.children.lock() else {
+            return;
+        };
+        for &pid in children.values().flatten() {
+            if pids.contains(&pid) {
+                // SAFETY: plain syscall; the pid is still in the map, so not yet reaped.
+                unsafe { libc::kill(pid as libc::pid_t, sig) };
+            }
+        }
+    });
 }
