@@ -4,3 +4,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo test --workspace --release -- --ignored
 scripts/browser-test.sh
+# A one-node Slurm cluster (Debian's slurmctld/slurmd/munge; needs root): launcher: slurm.
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  scripts/slurm-test.sh
+else
+  echo "slow-tests: skipping scripts/slurm-test.sh (needs root and apt-get)"
+fi

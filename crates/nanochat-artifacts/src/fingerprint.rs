@@ -28,6 +28,19 @@ pub struct StageFingerprint {
     pub env: BTreeMap<String, String>,
     /// [`FINGERPRINT_SCHEMA`].
     pub schema: u32,
+    /// Number of ranks the stage runs as (data-parallel training): the reduction order and
+    /// each rank's data slice depend on it. Left out of the JSON for one rank, so single-process
+    /// stages keep the keys they had before multi-rank stages existed.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub world_size: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn is_one(n: &u32) -> bool {
+    *n == 1
 }
 
 impl StageFingerprint {
@@ -79,6 +92,12 @@ impl StageFingerprint {
         }
         if prev.env != self.env {
             why.push("env changed".into());
+        }
+        if prev.world_size != self.world_size {
+            why.push(format!(
+                "ranks changed ({} -> {})",
+                prev.world_size, self.world_size
+            ));
         }
         if prev.stage != self.stage {
             why.push(format!("stage renamed ({} -> {})", prev.stage, self.stage));
@@ -145,6 +164,7 @@ mod tests {
             inputs: [("tok".to_string(), ObjectId::of_bytes(b"t"))].into(),
             env: BTreeMap::new(),
             schema: FINGERPRINT_SCHEMA,
+            world_size: 1,
         }
     }
 
@@ -170,6 +190,9 @@ mod tests {
         variants.push(b);
         let mut b = fp();
         b.schema += 1;
+        variants.push(b);
+        let mut b = fp();
+        b.world_size = 2;
         variants.push(b);
         for v in variants {
             assert_ne!(v.key(), a.key(), "{v:?}");

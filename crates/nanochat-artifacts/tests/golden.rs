@@ -48,6 +48,7 @@ fn documented_stage_key() {
         inputs: [("tok".to_string(), ObjectId::new(DOC_OBJECT_ID).unwrap())].into(),
         env: Default::default(),
         schema: FINGERPRINT_SCHEMA,
+        world_size: 1,
     };
     assert_eq!(
         String::from_utf8(canonical_json(&fp.to_value())).unwrap(),

@@ -191,6 +191,7 @@ fn cache_and_last_key_round_trip() {
         inputs: Default::default(),
         env: Default::default(),
         schema: FINGERPRINT_SCHEMA,
+        world_size: 1,
     };
     let key = fp.key();
     assert_eq!(s.cache_get(&key).unwrap(), None);

@@ -103,6 +103,7 @@ fn run(ctx: &StageContext) -> Result<i32> {
     cfg.data
         .validate()
         .with_context(|| format!("{}", ctx.config_path().display()))?;
+    process::refuse_multi_rank()?;
     process::set_threads(cfg.threads)?;
     let tok_dir = ctx.input("tokenizer")?;
     let tokenizer = Arc::new(

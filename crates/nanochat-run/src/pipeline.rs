@@ -59,6 +59,130 @@ struct StageFile {
     resources: Option<Resources>,
     #[serde(default)]
     env: BTreeMap<String, String>,
+    /// Data-parallel ranks started on this machine (`ranks: 8`).
+    #[serde(default)]
+    ranks: Option<u32>,
+    /// How the ranks are started (`launcher: { kind: slurm, nodes: 4, ranks_per_node: 8 }`).
+    #[serde(default)]
+    launcher: Option<LauncherFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LauncherFile {
+    kind: String,
+    #[serde(default)]
+    nodes: Option<u32>,
+    #[serde(default)]
+    ranks_per_node: Option<u32>,
+    /// Extra `srun` arguments (partition, account, GPUs, time limit...).
+    #[serde(default)]
+    srun_args: Vec<String>,
+}
+
+/// Most ranks one stage may ask for (a typo guard, not a limit of the collectives).
+pub const MAX_RANKS: u32 = 65_536;
+
+/// How a stage's processes are started. Part of the stage key through its world size.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Launch {
+    /// One process (the default).
+    #[default]
+    Single,
+    /// `ranks` processes on this machine, joined through a rendezvous on 127.0.0.1 (like
+    /// `torchrun --standalone --nproc_per_node=ranks`).
+    Local { ranks: u32 },
+    /// `srun` with `nodes × ranks_per_node` tasks; the tasks find each other from Slurm's
+    /// variables.
+    Slurm {
+        nodes: u32,
+        ranks_per_node: u32,
+        srun_args: Vec<String>,
+    },
+}
+
+impl Launch {
+    /// Total number of ranks.
+    pub fn world_size(&self) -> u32 {
+        match self {
+            Launch::Single => 1,
+            Launch::Local { ranks } => *ranks,
+            Launch::Slurm {
+                nodes,
+                ranks_per_node,
+                ..
+            } => nodes * ranks_per_node,
+        }
+    }
+}
+
+/// The stage's launch from its `ranks` and `launcher` keys.
+fn launch_of(ranks: Option<u32>, launcher: Option<LauncherFile>) -> Result<Launch, String> {
+    let count = |what: &str, n: Option<u32>| -> Result<u32, String> {
+        match n {
+            None => Ok(1),
+            Some(0) => Err(format!("{what} must be at least 1")),
+            Some(n) if n > MAX_RANKS => Err(format!("{what} = {n} is more than {MAX_RANKS}")),
+            Some(n) => Ok(n),
+        }
+    };
+    let Some(l) = launcher else {
+        let n = count("ranks", ranks)?;
+        return Ok(if n == 1 {
+            Launch::Single
+        } else {
+            Launch::Local { ranks: n }
+        });
+    };
+    match l.kind.as_str() {
+        "local" => {
+            if l.nodes.is_some_and(|n| n != 1) {
+                return Err(
+                    "launcher kind local runs on this machine only: nodes must be 1 (use kind: slurm for several machines)"
+                        .into(),
+                );
+            }
+            if !l.srun_args.is_empty() {
+                return Err("srun_args only apply to launcher kind slurm".into());
+            }
+            let n = match (ranks, l.ranks_per_node) {
+                (Some(a), Some(b)) if a != b => {
+                    return Err(format!(
+                        "ranks = {a} and launcher.ranks_per_node = {b} disagree; give one of them"
+                    ))
+                }
+                (a, b) => count("ranks", a.or(b))?,
+            };
+            Ok(if n == 1 {
+                Launch::Single
+            } else {
+                Launch::Local { ranks: n }
+            })
+        }
+        "slurm" => {
+            if ranks.is_some() {
+                return Err(
+                    "with launcher kind slurm, give launcher.nodes and launcher.ranks_per_node instead of ranks"
+                        .into(),
+                );
+            }
+            let nodes = count("launcher.nodes", l.nodes)?;
+            let per = count("launcher.ranks_per_node", l.ranks_per_node)?;
+            if u64::from(nodes) * u64::from(per) > u64::from(MAX_RANKS) {
+                return Err(format!(
+                    "{nodes} nodes × {per} ranks per node is more than {MAX_RANKS} ranks"
+                ));
+            }
+            Ok(Launch::Slurm {
+                nodes,
+                ranks_per_node: per,
+                srun_args: l.srun_args,
+            })
+        }
+        other => Err(format!(
+            "launcher kind {other:?} is not one of: local, slurm"
+        )),
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -107,6 +231,8 @@ pub struct Stage {
     pub inputs: BTreeMap<String, String>,
     pub resources: Resources,
     pub env: BTreeMap<String, String>,
+    /// How its processes start (one, several local ranks, or `srun`).
+    pub launch: Launch,
     /// Where the stage is declared (for later error messages).
     pub line: usize,
 }
@@ -350,6 +476,34 @@ pub fn parse(text: &str, path: &Path) -> Result<Pipeline, PipelineError> {
                 ));
             }
         }
+        let key_of_launch = if spec.launcher.is_some() {
+            "launcher"
+        } else {
+            "ranks"
+        };
+        let launch = launch_of(spec.ranks, spec.launcher).map_err(|m| {
+            err(
+                word_line_after(text, line, key_of_launch).unwrap_or((line, col)),
+                format!("stage {sname}: {m}"),
+            )
+        })?;
+        for reserved in [
+            "RANK",
+            "WORLD_SIZE",
+            "LOCAL_RANK",
+            "LOCAL_WORLD_SIZE",
+            "MASTER_ADDR",
+            "MASTER_PORT",
+        ] {
+            if launch != Launch::Single && spec.env.contains_key(reserved) {
+                return Err(err(
+                    word_line_after(text, line, reserved).unwrap_or((line, col)),
+                    format!(
+                        "stage {sname}: env sets {reserved}, which the launcher sets for each rank"
+                    ),
+                ));
+            }
+        }
         stages.push(Stage {
             name: sname,
             run: spec.run,
@@ -357,6 +511,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Pipeline, PipelineError> {
             inputs,
             resources: spec.resources.unwrap_or_default(),
             env: spec.env,
+            launch,
             line,
         });
     }
@@ -487,6 +642,82 @@ mod tests {
         assert_eq!(t["steps"].as_integer(), Some(3));
         assert_eq!(p.descendants("b"), ["b", "c"]);
         assert_eq!(p.descendants("a"), ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn ranks_and_launchers() {
+        let launch = |extra: &str| {
+            parse_str(&format!("stages:\n  a:\n    run: x\n{extra}"))
+                .map(|p| p.stages[0].launch.clone())
+        };
+        assert_eq!(launch("").unwrap(), Launch::Single);
+        assert_eq!(launch("    ranks: 1\n").unwrap(), Launch::Single);
+        assert_eq!(
+            launch("    ranks: 4\n").unwrap(),
+            Launch::Local { ranks: 4 }
+        );
+        assert_eq!(
+            launch("    launcher: { kind: local, ranks_per_node: 2 }\n").unwrap(),
+            Launch::Local { ranks: 2 }
+        );
+        let slurm = launch(
+            "    launcher: { kind: slurm, nodes: 4, ranks_per_node: 8, srun_args: [--partition=gpu] }\n",
+        )
+        .unwrap();
+        assert_eq!(
+            slurm,
+            Launch::Slurm {
+                nodes: 4,
+                ranks_per_node: 8,
+                srun_args: vec!["--partition=gpu".into()]
+            }
+        );
+        assert_eq!(slurm.world_size(), 32);
+        for (extra, msg, line) in [
+            ("    ranks: 0\n", "ranks must be at least 1", 4),
+            ("    ranks: 100000\n", "more than 65536", 4),
+            (
+                "    launcher: { kind: mpi }\n",
+                "not one of: local, slurm",
+                4,
+            ),
+            (
+                "    launcher: { kind: local, nodes: 2 }\n",
+                "nodes must be 1",
+                4,
+            ),
+            (
+                "    ranks: 2\n    launcher: { kind: local, ranks_per_node: 3 }\n",
+                "disagree",
+                5,
+            ),
+            (
+                "    ranks: 2\n    launcher: { kind: slurm, nodes: 2 }\n",
+                "instead of ranks",
+                5,
+            ),
+            (
+                "    launcher: { kind: slurm, nodes: 0 }\n",
+                "launcher.nodes must be at least 1",
+                4,
+            ),
+            (
+                "    launcher: { kind: slurm, nodes: 300, ranks_per_node: 300 }\n",
+                "more than 65536 ranks",
+                4,
+            ),
+            (
+                "    ranks: 2\n    env: { RANK: \"3\" }\n",
+                "env sets RANK",
+                5,
+            ),
+        ] {
+            let e = launch(extra).unwrap_err();
+            assert!(e.message.contains(msg), "{extra}: {e}");
+            assert_eq!(e.line, line, "{extra}: {e}");
+        }
+        let e = launch("    launcher: { kind: slurm, gpus: 8 }\n").unwrap_err();
+        assert!(e.message.contains("unknown field `gpus`"), "{e}");
     }
 
     #[test]

@@ -128,6 +128,7 @@ pub fn fingerprint(
             inputs: inputs.clone(),
             env: stage.env.clone(),
             schema: FINGERPRINT_SCHEMA,
+            world_size: stage.launch.world_size(),
         },
         config,
     ))

@@ -16,7 +16,7 @@ use nanochat_artifacts::{
     write_atomic, ArtifactStore, ObjectId, RunRecord, StageRecord, VerifyMode,
 };
 
-use crate::pipeline::{Pipeline, Stage};
+use crate::pipeline::{Launch, Pipeline, Stage};
 use crate::plan::{decide, Binaries, Decision};
 
 /// Options of a pipeline run.
@@ -52,7 +52,12 @@ struct WorkerResult {
 
 /// Shared between the scheduler, workers and the signal thread.
 struct Shared {
-    children: Mutex<HashMap<usize, u32>>,
+    /// Stage index -> the pids of its running processes (one per local rank).
+    children: Mutex<HashMap<usize, Vec<u32>>>,
+    /// Pids of `srun` processes. A single SIGINT only makes srun print its tasks' states, and
+    /// SIGTERM makes it kill the step at once; two SIGINTs within a second make it send SIGINT
+    /// to every task, then SIGTERM and, after Slurm's KillWait, SIGKILL. So they get two.
+    srun_pids: Mutex<BTreeSet<u32>>,
     interrupted: AtomicBool,
     signals: AtomicUsize,
 }
@@ -318,6 +323,7 @@ pub fn run(
     let t0 = Instant::now();
     let shared = Arc::new(Shared {
         children: Mutex::new(HashMap::new()),
+        srun_pids: Mutex::new(BTreeSet::new()),
         interrupted: AtomicBool::new(false),
         signals: AtomicUsize::new(0),
     });
@@ -346,9 +352,17 @@ pub fn run(
                     )
                 });
                 if let Ok(children) = shared.children.lock() {
-                    for &pid in children.values() {
+                    let srun = shared
+                        .srun_pids
+                        .lock()
+                        .map(|s| s.clone())
+                        .unwrap_or_default();
+                    for &pid in children.values().flatten() {
                         // SAFETY: plain syscall; the pid is a child we spawned and have not reaped.
                         unsafe { libc::kill(pid as libc::pid_t, forward) };
+                    }
+                    if forward != libc::SIGKILL && !srun.is_empty() {
+                        interrupt_srun_again(Arc::clone(&shared), srun, forward);
                     }
                 }
             }
@@ -662,17 +676,37 @@ struct Job {
     forced: bool,
 }
 
-/// Copies a child's output stream into the shared log and shows its latest line.
-fn pump(mut src: impl Read, log: Arc<Mutex<File>>, bar: ProgressBar) {
+/// Copies a child's output stream into the shared log and shows its latest line. With a
+/// `label` (the rank of a multi-rank stage) every line is prefixed with it, written whole.
+fn pump(mut src: impl Read, log: Arc<Mutex<File>>, bar: ProgressBar, label: Option<String>) {
     let mut buf = [0u8; 8192];
     let mut pending = String::new();
+    let mut partial: Vec<u8> = Vec::new();
     loop {
         let n = match src.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        if let Ok(mut f) = log.lock() {
-            let _ = f.write_all(&buf[..n]);
+        match &label {
+            None => {
+                if let Ok(mut f) = log.lock() {
+                    let _ = f.write_all(&buf[..n]);
+                }
+            }
+            Some(l) => {
+                partial.extend_from_slice(&buf[..n]);
+                if let Some(cut) = partial.iter().rposition(|&b| b == b'\n') {
+                    let mut out = Vec::with_capacity(cut + 64);
+                    for line in partial[..=cut].split_inclusive(|&b| b == b'\n') {
+                        out.extend_from_slice(l.as_bytes());
+                        out.extend_from_slice(line);
+                    }
+                    partial.drain(..=cut);
+                    if let Ok(mut f) = log.lock() {
+                        let _ = f.write_all(&out);
+                    }
+                }
+            }
         }
         pending.push_str(&String::from_utf8_lossy(&buf[..n]));
         if let Some(last) = pending.split(['\n', '\r']).rfind(|l| !l.trim().is_empty()) {
@@ -682,6 +716,46 @@ fn pump(mut src: impl Read, log: Arc<Mutex<File>>, bar: ProgressBar) {
             pending.drain(..=cut);
         }
     }
+    if let (Some(l), false) = (&label, partial.is_empty()) {
+        if let Ok(mut f) = log.lock() {
+            let _ = f.write_all(l.as_bytes());
+            let _ = f.write_all(&partial);
+            let _ = f.write_all(b"\n");
+        }
+    }
+}
+
+/// How long the other ranks of a stage get to exit after one rank failed (their collectives
+/// fail within seconds on their own; this bounds a rank stuck elsewhere, e.g. waiting for a
+/// rendezvous that the failed rank never reached) before they are killed.
+const RANK_GRACE: Duration = Duration::from_secs(5);
+
+/// A port on 127.0.0.1 that nobody listens on now (what torchrun's standalone mode does).
+fn free_local_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")
+        .context("finding a free port on 127.0.0.1 for the ranks' rendezvous")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// One process of a stage: a local rank, the single process, or `srun`.
+struct Proc {
+    /// `rank N` for local ranks.
+    label: Option<String>,
+    cmd: Command,
+}
+
+/// The `srun` command line of a Slurm stage (before the stage binary and its arguments).
+pub fn srun_args(nodes: u32, ranks_per_node: u32, extra: &[String]) -> Vec<String> {
+    let mut a = vec![
+        format!("--nodes={nodes}"),
+        format!("--ntasks={}", nodes * ranks_per_node),
+        format!("--ntasks-per-node={ranks_per_node}"),
+        // One failing task ends the step, and every line says which task wrote it.
+        "--kill-on-bad-exit=1".to_string(),
+        "--label".to_string(),
+    ];
+    a.extend(extra.iter().cloned());
+    a
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -691,7 +765,7 @@ fn run_stage(
     binaries: &Binaries,
     job: &Job,
     idx: usize,
-    shared: &Shared,
+    shared: &Arc<Shared>,
     progress: &MultiProgress,
     mode: VerifyMode,
 ) -> Result<WorkerResult> {
@@ -747,38 +821,112 @@ fn run_stage(
         out: out.dir().to_path_buf(),
         work: lock.dir().to_path_buf(),
     };
-    let mut cmd = Command::new(&bin);
-    cmd.args(args.to_argv())
-        .envs(&stage.env)
-        .env("NANOCHAT_STAGE", &stage.name)
-        .env("NANOCHAT_STAGE_KEY", job.key.as_str())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    if let Some(t) = stage.resources.threads {
-        if !stage.env.contains_key("RAYON_NUM_THREADS") {
+    let base = |program: &std::path::Path| {
+        let mut cmd = Command::new(program);
+        cmd.envs(&stage.env)
+            .env("NANOCHAT_STAGE", &stage.name)
+            .env("NANOCHAT_STAGE_KEY", job.key.as_str())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        {
+            use std::os::unix::process::CommandExt;
+            // Own process group: a terminal Ctrl-C reaches only nanochat-run, which forwards it
+            // exactly once (and escalates on a second Ctrl-C).
+            cmd.process_group(0);
+            #[cfg(target_os = "linux")]
+            // SAFETY: prctl is async-signal-safe; it makes the kernel send SIGTERM to the stage
+            // if nanochat-run dies, so an orphan never keeps writing into the work dir.
+            unsafe {
+                cmd.pre_exec(|| {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                    Ok(())
+                });
+            }
+        }
+        cmd
+    };
+    let threads = |cmd: &mut Command, per_rank_default: Option<usize>| {
+        if stage.env.contains_key("RAYON_NUM_THREADS") {
+            return;
+        }
+        if let Some(t) = stage.resources.threads {
+            cmd.env("RAYON_NUM_THREADS", t.to_string());
+        } else if let Some(t) = per_rank_default {
             cmd.env("RAYON_NUM_THREADS", t.to_string());
         }
-    }
-    {
-        use std::os::unix::process::CommandExt;
-        // Own process group: a terminal Ctrl-C reaches only nanochat-run, which forwards it
-        // exactly once (and escalates on a second Ctrl-C).
-        cmd.process_group(0);
-        #[cfg(target_os = "linux")]
-        // SAFETY: prctl is async-signal-safe; it makes the kernel send SIGTERM to the stage if
-        // nanochat-run dies, so an orphan never keeps writing into the work dir.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-                Ok(())
-            });
+    };
+    // Only rank 0's --out is published; the other local ranks write into scratch dirs that
+    // are dropped with this function.
+    let mut scratch_outs = Vec::new();
+    let mut procs: Vec<Proc> = Vec::new();
+    let launch_note: String;
+    match &stage.launch {
+        Launch::Single => {
+            let mut cmd = base(&bin);
+            cmd.args(args.to_argv());
+            threads(&mut cmd, None);
+            procs.push(Proc { label: None, cmd });
+            launch_note = String::new();
+        }
+        Launch::Local { ranks } => {
+            let world = *ranks as usize;
+            let port = free_local_port()?;
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let per_rank = (cores / world).max(1);
+            for rank in 0..world {
+                let mut rank_args = args.clone();
+                if rank > 0 {
+                    let scratch = store.staging()?;
+                    rank_args.out = scratch.dir().to_path_buf();
+                    scratch_outs.push(scratch);
+                }
+                let env = nanochat_dist::DistEnv {
+                    rank,
+                    world_size: world,
+                    local_rank: rank,
+                    local_world_size: world,
+                    master_addr: "127.0.0.1".into(),
+                    master_port: port,
+                    launcher: nanochat_dist::Launcher::Torchrun,
+                    job_tag: format!("{}-{}", job.key.short(), std::process::id()),
+                };
+                let mut cmd = base(&bin);
+                cmd.args(rank_args.to_argv()).envs(env.to_vars());
+                threads(&mut cmd, Some(per_rank));
+                procs.push(Proc {
+                    label: Some(format!("[rank {rank}] ")),
+                    cmd,
+                });
+            }
+            launch_note = format!(
+                "\n# launch: {world} local ranks, rendezvous at 127.0.0.1:{port}, {} threads each; only rank 0's --out is published",
+                stage.resources.threads.map_or(per_rank, |t| t as usize)
+            );
+        }
+        Launch::Slurm {
+            nodes,
+            ranks_per_node,
+            srun_args: extra,
+        } => {
+            let srun = std::env::var_os("NANOCHAT_SRUN").unwrap_or_else(|| "srun".into());
+            let mut cmd = base(std::path::Path::new(&srun));
+            let sargs = srun_args(*nodes, *ranks_per_node, extra);
+            cmd.args(&sargs).arg(&bin).args(args.to_argv());
+            threads(&mut cmd, None);
+            launch_note = format!(
+                "\n# launch: {} {} (the store must be on a filesystem every node mounts at {})",
+                srun.to_string_lossy(),
+                sargs.join(" "),
+                store.root().display()
+            );
+            procs.push(Proc { label: None, cmd });
         }
     }
     if let Ok(mut f) = log.lock() {
         let _ = writeln!(
             f,
-            "# nanochat-run: pipeline {} stage {} key {}{}\n# config: {}\n# {} {}",
+            "# nanochat-run: pipeline {} stage {} key {}{}\n# config: {}\n# {} {}{launch_note}",
             pipeline.name,
             stage.name,
             job.key,
@@ -811,43 +959,74 @@ fn run_stage(
     bar.enable_steady_tick(Duration::from_millis(200));
 
     let t0 = Instant::now();
-    let mut child = cmd
-        .spawn()
-        .with_context(|| format!("starting {}", bin.display()))?;
-    if let Ok(mut c) = shared.children.lock() {
-        c.insert(idx, child.id());
+    let mut children = Vec::with_capacity(procs.len());
+    let mut pumps = Vec::new();
+    for Proc { label, mut cmd } in procs {
+        let spawned = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()));
+        let mut child = match spawned {
+            Ok(c) => c,
+            Err(e) => {
+                // Ranks already started would wait for the missing one: stop them.
+                for c in &mut children {
+                    let _ = std::process::Child::kill(c);
+                    let _ = c.wait();
+                }
+                if let Ok(mut c) = shared.children.lock() {
+                    c.remove(&idx);
+                }
+                return Err(e);
+            }
+        };
+        if let Ok(mut c) = shared.children.lock() {
+            c.entry(idx).or_default().push(child.id());
+            if matches!(stage.launch, Launch::Slurm { .. }) {
+                if let Ok(mut s) = shared.srun_pids.lock() {
+                    s.insert(child.id());
+                }
+            }
+        }
+        for stream in [
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let log = Arc::clone(&log);
+            let bar = bar.clone();
+            let label = label.clone();
+            pumps.push(std::thread::spawn(move || pump(stream, log, bar, label)));
+        }
+        children.push(child);
     }
     // A signal may have arrived between the scheduler's check and the spawn.
     if shared.interrupted.load(Ordering::SeqCst) {
-        // SAFETY: plain syscall on our own unreaped child.
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+        for c in &children {
+            // SAFETY: plain syscall on our own unreaped child.
+            unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGINT) };
+        }
+        if matches!(stage.launch, Launch::Slurm { .. }) {
+            let pids = children.iter().map(|c| c.id()).collect();
+            interrupt_srun_again(Arc::clone(shared), pids, libc::SIGINT);
+        }
     }
-    let pumps: Vec<_> = [
-        child
-            .stdout
-            .take()
-            .map(|s| Box::new(s) as Box<dyn Read + Send>),
-        child
-            .stderr
-            .take()
-            .map(|s| Box::new(s) as Box<dyn Read + Send>),
-    ]
-    .into_iter()
-    .flatten()
-    .map(|s| {
-        let log = Arc::clone(&log);
-        let bar = bar.clone();
-        std::thread::spawn(move || pump(s, log, bar))
-    })
-    .collect();
-    let status = child.wait();
+    let status = wait_ranks(&mut children, idx, shared);
     if let Ok(mut c) = shared.children.lock() {
         c.remove(&idx);
     }
     for p in pumps {
         let _ = p.join();
     }
-    let status = status.context("waiting for the stage process")?;
+    drop(scratch_outs);
+    let (status, failed_rank) = status.context("waiting for the stage process")?;
     let duration = t0.elapsed();
     bar.finish_and_clear();
     progress.remove(&bar);
@@ -889,7 +1068,12 @@ fn run_stage(
             log: Some(log_id),
             exit_code,
             duration,
-            detail: Some(status.to_string()),
+            detail: Some(match failed_rank {
+                Some(r) => format!(
+                    "rank {r} was the first seen to fail ({status}); every rank's output is in the log"
+                ),
+                None => status.to_string(),
+            }),
         });
     }
     let object = store
@@ -921,4 +1105,86 @@ fn log_tail(path: &PathBuf, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Waits for every process of a stage. The first to fail makes the others stop: SIGTERM at
+/// once, SIGKILL after [`RANK_GRACE`]. Returns the status that decides the stage (the first
+/// failure, else rank 0's) and, for a multi-rank stage, the rank that failed first.
+fn wait_ranks(
+    children: &mut [std::process::Child],
+    idx: usize,
+    shared: &Shared,
+) -> std::io::Result<(std::process::ExitStatus, Option<usize>)> {
+    let n = children.len();
+    let mut done: Vec<Option<std::process::ExitStatus>> = vec![None; n];
+    let mut first_failure: Option<usize> = None;
+    let mut kill_at: Option<Instant> = None;
+    let mut killed = false;
+    let pids: Vec<u32> = children.iter().map(|c| c.id()).collect();
+    loop {
+        for (r, c) in children.iter_mut().enumerate() {
+            if done[r].is_some() {
+                continue;
+            }
+            let Some(st) = c.try_wait()? else { continue };
+            done[r] = Some(st);
+            // Reaped: its pid may be reused, so it must not be signalled any more.
+            if let Ok(mut m) = shared.children.lock() {
+                if let Some(running) = m.get_mut(&idx) {
+                    running.retain(|&p| p != c.id());
+                }
+                if let Ok(mut s) = shared.srun_pids.lock() {
+                    s.remove(&c.id());
+                }
+            }
+            if !st.success() && first_failure.is_none() {
+                first_failure = Some(r);
+                if n > 1 {
+                    tracing::error!(rank = r, "{st}: stopping the other ranks of the stage");
+                    for (o, &pid) in pids.iter().enumerate() {
+                        if done[o].is_none() {
+                            // SAFETY: plain syscall on our own unreaped child.
+                            unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+                        }
+                    }
+                    kill_at = Some(Instant::now() + RANK_GRACE);
+                }
+            }
+        }
+        if done.iter().all(Option::is_some) {
+            break;
+        }
+        if !killed && kill_at.is_some_and(|t| Instant::now() >= t) {
+            for (o, other) in children.iter_mut().enumerate() {
+                if done[o].is_none() {
+                    let _ = other.kill();
+                }
+            }
+            killed = true;
+        }
+        std::thread::sleep(Duration::from_millis(if n > 1 { 20 } else { 5 }));
+    }
+    let decisive = first_failure.unwrap_or(0);
+    let status = done[decisive].unwrap_or_else(|| {
+        use std::os::unix::process::ExitStatusExt;
+        std::process::ExitStatus::from_raw(1 << 8)
+    });
+    Ok((status, first_failure.filter(|_| n > 1)))
+}
+
+/// The second signal an `srun` needs (see [`Shared::srun_pids`]), 300 ms after the first, to
+/// those of `pids` that are still running.
+fn interrupt_srun_again(shared: Arc<Shared>, pids: BTreeSet<u32>, sig: libc::c_int) {
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        let Ok(children) = shared.children.lock() else {
+            return;
+        };
+        for &pid in children.values().flatten() {
+            if pids.contains(&pid) {
+                // SAFETY: plain syscall; the pid is still in the map, so not yet reaped.
+                unsafe { libc::kill(pid as libc::pid_t, sig) };
+            }
+        }
+    });
 }

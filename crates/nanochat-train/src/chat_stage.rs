@@ -74,6 +74,7 @@ pub fn run_chat_stage(kind: ChatStageKind, ctx: &StageContext) -> Result<i32, Tr
     let cfg: ChatStageConfig = ctx
         .config()
         .map_err(|e| TrainError::Config(e.to_string()))?;
+    crate::process::refuse_multi_rank()?;
     crate::process::set_threads(cfg.threads)?;
     let input = |n: &str| {
         ctx.input(n)
