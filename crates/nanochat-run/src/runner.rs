@@ -11,9 +11,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context, Result};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use nanochat_artifacts::stage::StageArgs;
+use nanochat_artifacts::stage::{StageArgs, RUN_DIR_ENV};
 use nanochat_artifacts::{
-    write_atomic, ArtifactStore, ObjectId, RunRecord, StageRecord, VerifyMode,
+    write_atomic, ArtifactStore, MachineInfo, ObjectId, ProducerRecord, RunRecord, StageRecord,
+    VerifyMode,
 };
 
 use crate::pipeline::{Pipeline, Stage};
@@ -71,22 +72,32 @@ fn check_stage_names(pipeline: &Pipeline, names: &[String], flag: &str) -> Resul
     Ok(())
 }
 
+/// Stages rerun even when cached, each with the flag that asked for it (the reason shown).
+type Forced = BTreeMap<String, String>;
+
 /// (selected, forced) stage names for the options.
-fn selection(
-    pipeline: &Pipeline,
-    opts: &RunOptions,
-) -> Result<(BTreeSet<String>, BTreeSet<String>)> {
+fn selection(pipeline: &Pipeline, opts: &RunOptions) -> Result<(BTreeSet<String>, Forced)> {
     check_stage_names(pipeline, &opts.force, "--force")?;
     check_stage_names(pipeline, &opts.only, "--only")?;
     if let Some(f) = &opts.from {
         check_stage_names(pipeline, std::slice::from_ref(f), "--from")?;
     }
-    let mut forced: BTreeSet<String> = opts.force.iter().cloned().collect();
+    let mut forced: Forced = opts
+        .force
+        .iter()
+        .map(|s| (s.clone(), format!("--force {s}")))
+        .collect();
     let selected: BTreeSet<String> = if !opts.only.is_empty() {
-        forced.extend(opts.only.iter().cloned());
+        for s in &opts.only {
+            forced
+                .entry(s.clone())
+                .or_insert_with(|| format!("--only {s}: rerun on its cached inputs"));
+        }
         opts.only.iter().cloned().collect()
     } else if let Some(from) = &opts.from {
-        forced.insert(from.clone());
+        forced
+            .entry(from.clone())
+            .or_insert_with(|| format!("--from {from}: rerun, then what depends on it"));
         pipeline.descendants(from).into_iter().collect()
     } else {
         pipeline.stages.iter().map(|s| s.name.clone()).collect()
@@ -108,7 +119,7 @@ fn simulate(
     pipeline: &Pipeline,
     binaries: &Binaries,
     selected: &BTreeSet<String>,
-    forced: &BTreeSet<String>,
+    forced: &Forced,
     mode: VerifyMode,
 ) -> Vec<PlanRow> {
     let mut known: HashMap<String, ObjectId> = HashMap::new();
@@ -141,7 +152,7 @@ fn simulate(
             stage,
             binaries,
             &inputs,
-            forced.contains(&stage.name),
+            forced.get(&stage.name).map(String::as_str),
             mode,
         ) {
             Ok(Decision::Cached { entry, .. }) => {
@@ -214,7 +225,7 @@ fn print_table(header: [&str; 4], rows: &[[String; 4]]) {
 pub fn status(store: &ArtifactStore, pipeline: &Pipeline, mode: VerifyMode) -> Result<ExitCode> {
     let binaries = Binaries::default();
     let all: BTreeSet<String> = pipeline.stages.iter().map(|s| s.name.clone()).collect();
-    let rows = simulate(store, pipeline, &binaries, &all, &BTreeSet::new(), mode);
+    let rows = simulate(store, pipeline, &binaries, &all, &Forced::new(), mode);
     println!("pipeline {} ({})", pipeline.name, pipeline.file.display());
     let table: Vec<[String; 4]> = rows
         .into_iter()
@@ -230,26 +241,20 @@ pub fn status(store: &ArtifactStore, pipeline: &Pipeline, mode: VerifyMode) -> R
     Ok(ExitCode::SUCCESS)
 }
 
-fn hostname() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates on success.
-    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    if rc != 0 {
-        return "unknown".into();
-    }
-    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    String::from_utf8_lossy(&buf[..end]).into_owned()
-}
-
+/// `git rev-parse HEAD` of the working directory, asked once per process.
 fn git_rev() -> Option<String> {
-    let out = Command::new("git")
-        .args(["rev-parse", "HEAD"])
-        .stderr(Stdio::null())
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    static REV: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    REV.get_or_init(|| {
+        let out = Command::new("git")
+            .args(["rev-parse", "HEAD"])
+            .stderr(Stdio::null())
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    })
+    .clone()
 }
 
 /// Runs (or dry-runs) a pipeline.
@@ -419,14 +424,14 @@ pub fn run(
                     if inputs.len() != stage.inputs.len() || stop {
                         continue;
                     }
-                    let is_forced = forced.contains(&stage.name);
+                    let forced_by = forced.get(&stage.name).map(String::as_str);
                     let decision = match decide(
                         store,
                         pipeline,
                         stage,
                         &binaries,
                         &inputs,
-                        is_forced,
+                        forced_by,
                         opts.verify,
                     ) {
                         Ok(d) => d,
@@ -492,7 +497,7 @@ pub fn run(
                                 fingerprint: fingerprint.to_value(),
                                 config,
                                 inputs,
-                                forced: is_forced,
+                                forced: forced_by.is_some(),
                             };
                             let tx = tx.clone();
                             let shared = Arc::clone(&shared);
@@ -577,7 +582,7 @@ pub fn run(
         pipeline: pipeline.name.clone(),
         started: nanochat_artifacts::rfc3339_utc(started_at),
         duration_s: t0.elapsed().as_secs_f64(),
-        host: hostname(),
+        host: MachineInfo::current().host,
         git_rev: git_rev(),
         argv: std::env::args().collect(),
         stages: stage_records.clone(),
@@ -752,6 +757,7 @@ fn run_stage(
         .envs(&stage.env)
         .env("NANOCHAT_STAGE", &stage.name)
         .env("NANOCHAT_STAGE_KEY", job.key.as_str())
+        .env(RUN_DIR_ENV, out.run_dir())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -810,6 +816,7 @@ fn run_stage(
     bar.set_prefix(stage.name.clone());
     bar.enable_steady_tick(Duration::from_millis(200));
 
+    let started = SystemTime::now();
     let t0 = Instant::now();
     let mut child = cmd
         .spawn()
@@ -864,6 +871,12 @@ fn run_stage(
         );
         let _ = f.sync_all();
     }
+    // Every execution's telemetry stays readable in its log object, also when the output
+    // object already existed (and so keeps its first producer's run dir) or was not published.
+    copy_files(
+        out.run_dir(),
+        &log_staging.dir().join(nanochat_artifacts::RUN_DIR),
+    )?;
     let log_id = store.publish(log_staging)?;
     store.set_ref(&format!("logs/{}/{}", pipeline.name, stage.name), &log_id)?;
 
@@ -892,6 +905,18 @@ fn run_stage(
             detail: Some(status.to_string()),
         });
     }
+    ProducerRecord {
+        pipeline: pipeline.name.clone(),
+        stage: stage.name.clone(),
+        key: job.key.clone(),
+        started: nanochat_artifacts::rfc3339_utc(started),
+        duration_s: duration.as_secs_f64(),
+        resumed,
+        log: Some(log_id.clone()),
+        machine: MachineInfo::current(),
+        git_rev: git_rev(),
+    }
+    .write(out.run_dir())?;
     let object = store
         .publish(out)
         .with_context(|| format!("publishing the output of stage {}", stage.name))?;
@@ -915,6 +940,21 @@ fn run_stage(
         duration,
         detail: resumed.then(|| "resumed from work dir".to_string()),
     })
+}
+
+/// Copies the regular files of `src` (recursively) into `dst`.
+fn copy_files(src: &std::path::Path, dst: &std::path::Path) -> Result<()> {
+    for entry in std::fs::read_dir(src).with_context(|| format!("listing {}", src.display()))? {
+        let entry = entry.with_context(|| format!("listing {}", src.display()))?;
+        let (from, to) = (entry.path(), dst.join(entry.file_name()));
+        if from.is_dir() {
+            copy_files(&from, &to)?;
+        } else if from.is_file() {
+            std::fs::create_dir_all(dst).with_context(|| format!("creating {}", dst.display()))?;
+            std::fs::copy(&from, &to).with_context(|| format!("copying {}", from.display()))?;
+        }
+    }
+    Ok(())
 }
 
 fn log_tail(path: &PathBuf, lines: usize) -> String {
