@@ -267,6 +267,9 @@ pub struct ProducerRecord {
     pub duration_s: f64,
     /// Whether the attempt resumed from an interrupted one's work dir.
     pub resumed: bool,
+    /// The stage's inputs: name -> object id (what it was made from).
+    #[serde(default)]
+    pub inputs: BTreeMap<String, ObjectId>,
     /// The log object of the attempt (its captured output and a copy of the run directory).
     pub log: Option<ObjectId>,
     /// Where it ran.

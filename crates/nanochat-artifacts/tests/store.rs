@@ -365,6 +365,7 @@ fn the_run_dir_sits_beside_the_object_outside_its_hash_and_the_first_publisher_k
         started: "2026-01-02T03:04:05Z".into(),
         duration_s: 12.5,
         resumed: true,
+        inputs: [("corpus".to_string(), plain.clone())].into(),
         log: Some(plain.clone()),
         machine: MachineInfo::current(),
         git_rev: None,

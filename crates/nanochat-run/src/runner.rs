@@ -912,6 +912,7 @@ fn run_stage(
         started: nanochat_artifacts::rfc3339_utc(started),
         duration_s: duration.as_secs_f64(),
         resumed,
+        inputs: job.inputs.clone(),
         log: Some(log_id.clone()),
         machine: MachineInfo::current(),
         git_rev: git_rev(),
