@@ -1,4 +1,4 @@
-//! The artifact layout contract (docs/artifacts.md §6) and the one resolver of "a model
+//! The artifact layout contract (docs/artifacts.md §11) and the one resolver of "a model
 //! reference": what every stage, the CLI and the server call to find a checkpoint and its
 //! tokenizer.
 //!
@@ -14,7 +14,9 @@
 //! 4. a ref (`latest/sft`, `runs/speedrun/sft`) or an object id in the store, verified (sizes
 //!    and manifest) before use.
 //!
-//! An explicit tokenizer directory, when given, wins over the one in the artifact.
+//! An explicit tokenizer directory, when given, wins over the one in the artifact; without one
+//! and without a tokenizer in the artifact, the tokenizer object the checkpoint records
+//! (`meta.json` `tokenizer_id`) is looked up in the store.
 
 use std::path::{Path, PathBuf};
 
@@ -61,6 +63,11 @@ pub fn resolve_model(
 ) -> Result<ModelLocation> {
     let (root, object) = if reference.is_dir() {
         (reference.to_path_buf(), None)
+    } else if reference.exists() {
+        return Err(model_error(
+            reference,
+            "not a directory (give the model artifact's or the checkpoint's directory)",
+        ));
     } else {
         let (data, id) = lookup_in_store(reference, store)?;
         (data, Some(id))
@@ -95,7 +102,9 @@ pub fn resolve_model(
                 ),
             ))
         }
-        None => artifact_tokenizer(&root, &checkpoint).ok_or_else(|| {
+        None => artifact_tokenizer(&root, &checkpoint)
+            .or_else(|| recorded_tokenizer(&checkpoint, store))
+            .ok_or_else(|| {
             model_error(
                 reference,
                 format!(
@@ -111,6 +120,20 @@ pub fn resolve_model(
         tokenizer,
         object,
     })
+}
+
+/// The tokenizer object a checkpoint records (`meta.json` `tokenizer_id`, `sha256:<id>` or a
+/// bare id), when it is in `store`.
+fn recorded_tokenizer(checkpoint: &Path, store: Option<&ArtifactStore>) -> Option<PathBuf> {
+    let store = store?;
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(checkpoint.join("meta.json")).ok()?).ok()?;
+    let id = meta.get("tokenizer_id")?.as_str()?;
+    let id: ObjectId = id.strip_prefix("sha256:").unwrap_or(id).parse().ok()?;
+    let data = store.object_data(&id);
+    [data.join(TOKENIZER_DIR), data]
+        .into_iter()
+        .find(|d| d.join(TOKENIZER_MARKER).is_file())
 }
 
 /// The tokenizer that travels with a model artifact: `root/tokenizer/`, `root` itself, or
@@ -227,6 +250,30 @@ mod tests {
         fs::write(&weights, b"truncated?").unwrap();
         let e = resolve_model(Path::new("latest/sft"), None, Some(&store)).unwrap_err();
         assert!(e.to_string().contains("model/model.safetensors"), "{e}");
+    }
+
+    #[test]
+    fn a_checkpoint_alone_finds_the_tokenizer_object_its_meta_records() {
+        let d = tempfile::tempdir().unwrap();
+        let store = ArtifactStore::open(d.path().join("store")).unwrap();
+        let tok = d.path().join("tok");
+        touch(&tok.join(TOKENIZER_MARKER));
+        let tok_id = store.publish_dir(&tok).unwrap();
+        let ckpt = d.path().join("ckpt");
+        touch(&ckpt.join(CHECKPOINT_MARKER));
+        fs::write(
+            ckpt.join("meta.json"),
+            format!("{{\"step\":0,\"tokenizer_id\":\"sha256:{tok_id}\"}}"),
+        )
+        .unwrap();
+        let loc = resolve_model(&ckpt, None, Some(&store)).unwrap();
+        assert_eq!(loc.tokenizer, store.object_data(&tok_id));
+        // Without the store it cannot be found, and says so.
+        let e = resolve_model(&ckpt, None, None).unwrap_err();
+        assert!(e.to_string().contains("no tokenizer"), "{e}");
+        // A file is not a model reference.
+        let e = resolve_model(&ckpt.join("meta.json"), None, Some(&store)).unwrap_err();
+        assert!(e.to_string().contains("not a directory"), "{e}");
     }
 
     #[test]
