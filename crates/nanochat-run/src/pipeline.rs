@@ -45,6 +45,40 @@ struct PipelineFile {
     #[allow(dead_code)]
     description: Option<String>,
     stages: BTreeMap<String, StageFile>,
+    /// What `nanochat-run serve --pipeline` starts.
+    #[serde(default)]
+    serve: Option<ServeFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServeFile {
+    stage: String,
+    #[serde(default)]
+    config: Option<String>,
+    #[serde(default)]
+    args: Vec<String>,
+}
+
+/// Data a stage reads from outside the store, and how to get it (shown by `--dry-run`).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Need {
+    /// A file or directory, relative to where nanochat-run runs.
+    pub path: String,
+    /// The command that fetches or builds it.
+    pub fetch: String,
+}
+
+/// The pipeline's serve target: the chat server on one stage's output.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServeTarget {
+    /// The stage whose output is served (`runs/<pipeline>/<stage>`).
+    pub stage: String,
+    /// Server config file (resolved like stage configs), passed as `--config`.
+    pub config: Option<PathBuf>,
+    /// Further nanochat-inference arguments.
+    pub args: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -59,6 +93,10 @@ struct StageFile {
     resources: Option<Resources>,
     #[serde(default)]
     env: BTreeMap<String, String>,
+    #[serde(default)]
+    about: Option<String>,
+    #[serde(default)]
+    needs: Vec<Need>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -107,6 +145,10 @@ pub struct Stage {
     pub inputs: BTreeMap<String, String>,
     pub resources: Resources,
     pub env: BTreeMap<String, String>,
+    /// What the stage does, in a sentence (documentation; not part of the key).
+    pub about: Option<String>,
+    /// Outside data it reads and how to fetch it (documentation; not part of the key).
+    pub needs: Vec<Need>,
     /// Where the stage is declared (for later error messages).
     pub line: usize,
 }
@@ -118,6 +160,8 @@ pub struct Pipeline {
     pub file: PathBuf,
     /// Topologically sorted.
     pub stages: Vec<Stage>,
+    /// What `nanochat-run serve --pipeline` serves.
+    pub serve: Option<ServeTarget>,
 }
 
 impl Pipeline {
@@ -357,12 +401,47 @@ pub fn parse(text: &str, path: &Path) -> Result<Pipeline, PipelineError> {
             inputs,
             resources: spec.resources.unwrap_or_default(),
             env: spec.env,
+            about: spec.about,
+            needs: spec.needs,
             line,
         });
     }
 
     // Every input must name a stage.
     let names: Vec<String> = stages.iter().map(|s| s.name.clone()).collect();
+    let serve = match file.serve {
+        None => None,
+        Some(sv) => {
+            let loc = || locate(text, "serve", |l| l.starts_with("serve:")).unwrap_or((1, 1));
+            if !names.contains(&sv.stage) {
+                return Err(err(
+                    loc(),
+                    format!(
+                        "serve: stage {:?} is not a stage of this pipeline (stages: {})",
+                        sv.stage,
+                        names.join(", ")
+                    ),
+                ));
+            }
+            let config = match sv.config {
+                None => None,
+                Some(p) => Some(resolve_config_path(&base, &p).ok_or_else(|| {
+                    err(
+                        loc(),
+                        format!(
+                            "serve: config file {p:?} not found (looked relative to {} and its parent)",
+                            base.display()
+                        ),
+                    )
+                })?),
+            };
+            Some(ServeTarget {
+                stage: sv.stage,
+                config,
+                args: sv.args,
+            })
+        }
+    };
     for s in &stages {
         for (input, src) in &s.inputs {
             if !names.contains(src) {
@@ -440,6 +519,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Pipeline, PipelineError> {
         name,
         file: path.to_path_buf(),
         stages: sorted,
+        serve,
     })
 }
 

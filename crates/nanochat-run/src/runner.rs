@@ -221,6 +221,73 @@ fn print_table(header: [&str; 4], rows: &[[String; 4]]) {
     }
 }
 
+/// What each stage does and which outside data it reads (present or missing, and the command
+/// that fetches it), then how to serve the result: the part of `--dry-run` and `status` that
+/// explains the pipeline on a machine that has none of its data yet.
+fn explain(pipeline: &Pipeline, shown: &BTreeSet<String>) {
+    let stages: Vec<&Stage> = pipeline
+        .stages
+        .iter()
+        .filter(|s| shown.contains(&s.name))
+        .collect();
+    if stages
+        .iter()
+        .all(|s| s.about.is_none() && s.needs.is_empty())
+        && pipeline.serve.is_none()
+    {
+        return;
+    }
+    let width = stages.iter().map(|s| s.name.len()).max().unwrap_or(0);
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "\nstages:");
+    let mut fetch: Vec<&str> = Vec::new();
+    for s in &stages {
+        let _ = writeln!(
+            out,
+            "  {:<width$}  {}",
+            s.name,
+            s.about.as_deref().unwrap_or("(no description)")
+        );
+        for need in &s.needs {
+            let present = std::path::Path::new(&need.path).exists();
+            let _ = writeln!(
+                out,
+                "  {:<width$}    reads {}: {}",
+                "",
+                need.path,
+                if present {
+                    "present".to_string()
+                } else {
+                    format!("MISSING, fetch with `{}`", need.fetch)
+                }
+            );
+            if !present && !fetch.contains(&need.fetch.as_str()) {
+                fetch.push(&need.fetch);
+            }
+        }
+    }
+    if !fetch.is_empty() {
+        let _ = writeln!(out, "\nmissing data: fetch it first with");
+        for f in fetch {
+            let _ = writeln!(out, "  {f}");
+        }
+    }
+    if let Some(sv) = &pipeline.serve {
+        let _ = writeln!(
+            out,
+            "\nserve: `nanochat-run serve --pipeline {}` starts the chat server on the {} output (runs/{}/{}){}",
+            pipeline.file.display(),
+            sv.stage,
+            pipeline.name,
+            sv.stage,
+            sv.config
+                .as_ref()
+                .map(|c| format!(", server config {}", c.display()))
+                .unwrap_or_default()
+        );
+    }
+}
+
 /// `nanochat-run status PIPELINE`.
 pub fn status(store: &ArtifactStore, pipeline: &Pipeline, mode: VerifyMode) -> Result<ExitCode> {
     let binaries = Binaries::default();
@@ -238,6 +305,7 @@ pub fn status(store: &ArtifactStore, pipeline: &Pipeline, mode: VerifyMode) -> R
         })
         .collect();
     print_table(["STAGE", "STATE", "OUTPUT", "WHY"], &table);
+    explain(pipeline, &all);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -316,6 +384,7 @@ pub fn run(
             })
             .collect();
         print_table(["STAGE", "ACTION", "OUTPUT", "WHY"], &table);
+        explain(pipeline, &needed);
         return Ok(ExitCode::SUCCESS);
     }
 
