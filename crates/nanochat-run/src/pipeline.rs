@@ -550,6 +550,36 @@ mod tests {
     }
 
     #[test]
+    fn about_needs_and_serve_are_read_and_the_serve_stage_must_exist() {
+        let p = parse_str(
+            "stages:\n  a:\n    run: x\n    about: makes a\n    needs:\n      - path: data/a\n        fetch: get-a.sh\nserve:\n  stage: a\n  args: [--port, \"9\"]\n",
+        )
+        .unwrap();
+        let a = p.stage("a").unwrap();
+        assert_eq!(a.about.as_deref(), Some("makes a"));
+        assert_eq!(
+            a.needs,
+            vec![Need {
+                path: "data/a".into(),
+                fetch: "get-a.sh".into()
+            }]
+        );
+        assert_eq!(
+            p.serve,
+            Some(ServeTarget {
+                stage: "a".into(),
+                config: None,
+                args: vec!["--port".into(), "9".into()],
+            })
+        );
+        let e = parse_str("stages:\n  a:\n    run: x\nserve:\n  stage: b\n").unwrap_err();
+        assert_eq!((e.line, e.column), (4, 1), "{e}");
+        assert!(e.message.contains("stage \"b\" is not a stage"), "{e}");
+        let e = parse_str("stages:\n  a:\n    run: x\n    needs: [{ path: p }]\n").unwrap_err();
+        assert!(e.message.contains("fetch"), "{e}");
+    }
+
+    #[test]
     fn parses_and_orders_stages() {
         let p = parse_str(
             "name: demo\nstages:\n  c:\n    run: bin-c\n    inputs: [a, b]\n  b:\n    run: bin-b\n    inputs: { src: a }\n    config: { steps: 3, opt: { lr: 0.5 } }\n    env: { X: \"1\" }\n    resources: { threads: 2 }\n  a:\n    run: bin-a\n",

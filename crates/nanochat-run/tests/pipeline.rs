@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use nanochat_artifacts::{ArtifactStore, ObjectId, ProducerRecord, VerifyMode};
 
+mod common;
+
 /// The `toy_stage` example binary, built by `cargo test` next to the test executables.
 fn toy_stage() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
@@ -59,19 +61,10 @@ impl Env {
         c
     }
     fn run(&self, args: &[&str]) -> Output {
-        let out = self.cmd(args).output().unwrap();
-        eprintln!(
-            "$ nanochat-run {}\n{}{}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out
+        common::run(self.cmd(args), args)
     }
     fn run_ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(out.status.success(), "nanochat-run {args:?} failed");
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        common::run_ok(self.cmd(args), args)
     }
     fn spawn(&self, args: &[&str]) -> Child {
         self.cmd(args)
@@ -87,21 +80,7 @@ impl Env {
     }
 }
 
-/// Summary rows: stage -> status.
-fn statuses(stdout: &str) -> Vec<(String, String)> {
-    stdout
-        .lines()
-        .skip_while(|l| !l.starts_with("STAGE"))
-        .skip(1)
-        .map(|l| {
-            let mut it = l.split_whitespace();
-            (
-                it.next().unwrap().to_string(),
-                it.next().unwrap().to_string(),
-            )
-        })
-        .collect()
-}
+use common::statuses;
 
 fn status_of(stdout: &str, stage: &str) -> String {
     statuses(stdout)

@@ -10,9 +10,11 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use nanochat_artifacts::ArtifactStore;
+
+mod common;
 
 const STAGES: [&str; 7] = [
     "nanochat-data",
@@ -103,28 +105,18 @@ struct Ci {
 }
 
 impl Ci {
-    fn run(&self, args: &[&str]) -> Output {
-        let out = Command::new(env!("CARGO_BIN_EXE_nanochat-run"))
-            .current_dir(repo())
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_nanochat-run"));
+        c.current_dir(repo())
             .env("NANOCHAT_BIN_DIR", &self.bins)
             .env("NANOCHAT_ARTIFACTS", self.store.path())
             .env("RUST_LOG", "nanochat_run=info")
             .arg("speedrun-ci")
-            .args(args)
-            .output()
-            .unwrap();
-        eprintln!(
-            "$ nanochat-run speedrun-ci {}\n{}{}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out
+            .args(args);
+        c
     }
     fn run_ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(out.status.success(), "nanochat-run {args:?} failed");
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        common::run_ok(self.cmd(args), args)
     }
     fn ids(&self) -> BTreeMap<String, String> {
         let store = ArtifactStore::open(self.store.path()).unwrap();
@@ -142,15 +134,7 @@ impl Ci {
 
 /// stage -> status of the summary table nanochat-run prints.
 fn statuses(stdout: &str) -> BTreeMap<String, String> {
-    stdout
-        .lines()
-        .skip_while(|l| !l.starts_with("STAGE"))
-        .skip(1)
-        .filter_map(|l| {
-            let mut it = l.split_whitespace();
-            Some((it.next()?.to_string(), it.next()?.to_string()))
-        })
-        .collect()
+    common::statuses(stdout).into_iter().collect()
 }
 
 #[test]
