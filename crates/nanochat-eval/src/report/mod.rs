@@ -345,6 +345,32 @@ fn training_section(summary: &Value, section: &mut StageSection) {
     }
 }
 
+/// Adds a table of `records` with one column per `(header, field)` (a header ending in `:` is
+/// right-aligned); nothing when there are no records.
+fn push_table(
+    section: &mut StageSection,
+    title: &str,
+    records: &[&Value],
+    columns: &[(&str, &str)],
+) {
+    if records.is_empty() {
+        return;
+    }
+    section.tables.push(Table {
+        title: title.into(),
+        header: columns.iter().map(|(h, _)| h.to_string()).collect(),
+        rows: records
+            .iter()
+            .map(|r| {
+                columns
+                    .iter()
+                    .map(|(_, k)| r.get(k).map(fmt_value).unwrap_or_default())
+                    .collect()
+            })
+            .collect(),
+    });
+}
+
 /// The facts and per-task tables of an eval's `metrics.json`.
 fn eval_section(m: &Value, section: &mut StageSection) {
     if let Some(d) = m.pointer("/model/description").and_then(Value::as_str) {
@@ -363,7 +389,7 @@ fn eval_section(m: &Value, section: &mut StageSection) {
             line.push_str(" (partial: not every task on all its items)");
         }
         section.facts.push(format!("{line}."));
-        let rows: Vec<Vec<String>> = tasks
+        let rows: Vec<&Value> = tasks
             .into_iter()
             .flatten()
             .chain(
@@ -372,27 +398,20 @@ fn eval_section(m: &Value, section: &mut StageSection) {
                     .into_iter()
                     .flatten(),
             )
-            .map(|t| {
-                let s = |k: &str| t.get(k).map(fmt_value).unwrap_or_default();
-                vec![
-                    s("label"),
-                    s("task_type"),
-                    s("num_fewshot"),
-                    s("items"),
-                    s("accuracy"),
-                    s("centered"),
-                ]
-            })
             .collect();
-        if !rows.is_empty() {
-            section.tables.push(Table {
-                title: "CORE tasks".into(),
-                header: ["Task", "Type", "Shots:", "Items:", "Accuracy:", "Centered:"]
-                    .map(String::from)
-                    .to_vec(),
-                rows,
-            });
-        }
+        push_table(
+            section,
+            "CORE tasks",
+            &rows,
+            &[
+                ("Task", "label"),
+                ("Type", "task_type"),
+                ("Shots:", "num_fewshot"),
+                ("Items:", "items"),
+                ("Accuracy:", "accuracy"),
+                ("Centered:", "centered"),
+            ],
+        );
     }
     if let Some(bpb) = num(m, "/bpb/bpb") {
         section
@@ -403,31 +422,24 @@ fn eval_section(m: &Value, section: &mut StageSection) {
         if let Some(c) = num(chat, "/chatcore") {
             section.facts.push(format!("ChatCORE {}.", f4(c)));
         }
-        let rows: Vec<Vec<String>> = chat
+        let rows: Vec<&Value> = chat
             .get("tasks")
             .and_then(Value::as_array)
             .into_iter()
             .flatten()
-            .map(|t| {
-                let s = |k: &str| t.get(k).map(fmt_value).unwrap_or_default();
-                vec![
-                    s("task"),
-                    s("items"),
-                    s("correct"),
-                    s("accuracy"),
-                    s("centered"),
-                ]
-            })
             .collect();
-        if !rows.is_empty() {
-            section.tables.push(Table {
-                title: "Chat tasks".into(),
-                header: ["Task", "Items:", "Correct:", "Accuracy:", "Centered:"]
-                    .map(String::from)
-                    .to_vec(),
-                rows,
-            });
-        }
+        push_table(
+            section,
+            "Chat tasks",
+            &rows,
+            &[
+                ("Task", "task"),
+                ("Items:", "items"),
+                ("Correct:", "correct"),
+                ("Accuracy:", "accuracy"),
+                ("Centered:", "centered"),
+            ],
+        );
     }
 }
 
