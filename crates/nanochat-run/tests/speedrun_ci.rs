@@ -3,7 +3,8 @@
 //! with tiny configs (checked: same stages, binaries, inputs and serve target; the tiny
 //! pipeline too). It runs end to end with the real stage binaries on the embedded sample; then
 //! every stage is rerun with `--force`, and each rerun must publish the same object id while
-//! every other stage stays cached.
+//! every other stage stays cached. The same check on `pipelines/tiny.yaml` itself (same graph,
+//! real tiny configs: minutes of training) is an ignored test that scripts/slow-tests.sh runs.
 //!
 //! Needs the stage binaries built next to `nanochat-run` (`cargo test --workspace` builds
 //! them). About a minute in the dev profile on 2 cores.
@@ -100,6 +101,7 @@ fn the_speedrun_names_every_stage_and_its_ci_copy_and_the_tiny_pipeline_share_it
 }
 
 struct Ci {
+    pipeline: &'static str,
     store: tempfile::TempDir,
     bins: PathBuf,
 }
@@ -111,7 +113,7 @@ impl Ci {
             .env("NANOCHAT_BIN_DIR", &self.bins)
             .env("NANOCHAT_ARTIFACTS", self.store.path())
             .env("RUST_LOG", "nanochat_run=info")
-            .arg("speedrun-ci")
+            .arg(self.pipeline)
             .args(args);
         c
     }
@@ -125,7 +127,7 @@ impl Ci {
             .unwrap()
             .into_iter()
             .filter_map(|(name, id)| {
-                let stage = name.strip_prefix("runs/speedrun-ci/")?;
+                let stage = name.strip_prefix(&format!("runs/{}/", self.pipeline))?;
                 Some((stage.to_string(), id.to_string()))
             })
             .collect()
@@ -139,15 +141,29 @@ fn statuses(stdout: &str) -> BTreeMap<String, String> {
 
 #[test]
 fn every_stage_rerun_with_force_publishes_the_same_object_and_nothing_downstream_reruns() {
+    rerun_every_stage("speedrun-ci");
+}
+
+/// The same on the tiny pipeline itself (same graph, minutes of training: a slow test).
+#[test]
+#[ignore = "slow: trains the tiny models, then retrains each (scripts/slow-tests.sh)"]
+fn every_stage_of_the_tiny_pipeline_rerun_with_force_publishes_the_same_object() {
+    rerun_every_stage("tiny");
+}
+
+fn rerun_every_stage(pipeline: &'static str) {
     let ci = Ci {
+        pipeline,
         store: tempfile::tempdir().unwrap(),
         bins: bin_dir(),
     };
-    let dry = ci.run_ok(&["--dry-run"]);
-    assert!(
-        dry.contains("serve: `nanochat-run serve --pipeline"),
-        "{dry}"
-    );
+    if pipeline == "speedrun-ci" {
+        let dry = ci.run_ok(&["--dry-run"]);
+        assert!(
+            dry.contains("serve: `nanochat-run serve --pipeline"),
+            "{dry}"
+        );
+    }
     let first = ci.run_ok(&[]);
     let st = statuses(&first);
     assert_eq!(st.len(), 9, "{first}");
