@@ -68,6 +68,15 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// A model reference (path, object directory, ref or id) does not lead to a checkpoint and
+    /// tokenizer.
+    #[error("model {reference}: {reason}")]
+    ModelReference {
+        /// The reference as given.
+        reference: String,
+        /// What is missing and how to fix it.
+        reason: String,
+    },
     /// A JSON record in the store could not be parsed.
     #[error("malformed store record {}: {source}", path.display())]
     Record {

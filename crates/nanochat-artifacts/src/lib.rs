@@ -1,7 +1,8 @@
 //! Content-addressed artifact store shared by every nanochat stage, and the stage CLI contract.
 //!
 //! - [`stage`]: what every stage binary parses (`--config --input --out --work`), config
-//!   loading with precise errors, SIGINT/SIGTERM handling, atomic writes.
+//!   loading with precise errors, SIGINT/SIGTERM handling, atomic writes, the run directory.
+//! - [`layout`]: the artifact layout contract and the one resolver of a model reference.
 //! - The store (objects addressed by the sha256 of a canonical manifest, atomic publish,
 //!   verification, action cache, refs, gc) is specified in docs/artifacts.md.
 #![warn(missing_docs)]
@@ -10,6 +11,7 @@ mod error;
 mod fingerprint;
 mod fsutil;
 mod ids;
+pub mod layout;
 mod manifest;
 pub mod stage;
 mod store;
@@ -20,8 +22,9 @@ pub use fsutil::{fsync_dir, write_atomic};
 pub use ids::{canonical_json, ObjectId, StageKey};
 pub use manifest::{Manifest, ManifestEntry, MANIFEST_VERSION};
 pub use store::{
-    validate_ref_name, ArtifactStore, CacheEntry, GcOptions, GcReport, Problem, RunRecord,
-    StageRecord, Staging, VerifyMode, WorkLock, DATA_DIR, MANIFEST_FILE,
+    validate_ref_name, ArtifactStore, CacheEntry, GcOptions, GcReport, MachineInfo, Problem,
+    ProducerRecord, RunRecord, StageRecord, Staging, VerifyMode, WorkLock, DATA_DIR, MANIFEST_FILE,
+    RUN_DIR, RUN_RECORD_FILE,
 };
 
 /// Streams a file through sha256; returns (lowercase hex digest, size in bytes).

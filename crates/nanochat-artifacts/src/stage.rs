@@ -103,13 +103,26 @@ fn parse_input_arg(s: &str) -> std::result::Result<(String, PathBuf), String> {
     Ok((name.to_string(), PathBuf::from(dir)))
 }
 
-/// A validated stage invocation: config path, named inputs, output and work directories.
+/// Environment variable naming the stage's run directory: where telemetry goes (see
+/// [`StageContext::run_dir`]). `nanochat-run` always sets it; a stage started by hand may not.
+pub const RUN_DIR_ENV: &str = "NANOCHAT_RUN_DIR";
+
+/// The run directory beside an input's `data/` directory (`objects/ab/cdef…/run/`), holding the
+/// telemetry of the run that first produced that input (`record.json`, the stage's own files);
+/// `None` for inputs without one (not a store object, or published without a run).
+pub fn run_dir_of(input_dir: &Path) -> Option<PathBuf> {
+    let dir = input_dir.parent()?.join(crate::store::RUN_DIR);
+    dir.is_dir().then_some(dir)
+}
+
+/// A validated stage invocation: config path, named inputs, output, work and run directories.
 #[derive(Debug, Clone)]
 pub struct StageContext {
     config_path: PathBuf,
     inputs: BTreeMap<String, PathBuf>,
     out_dir: PathBuf,
     work_dir: PathBuf,
+    run_dir: Option<PathBuf>,
 }
 
 impl StageContext {
@@ -141,7 +154,13 @@ impl StageContext {
                 });
             }
         }
-        for dir in [&args.out, &args.work] {
+        let run_dir = std::env::var_os(RUN_DIR_ENV)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from);
+        for dir in [Some(&args.out), Some(&args.work), run_dir.as_ref()]
+            .into_iter()
+            .flatten()
+        {
             fs::create_dir_all(dir).io("creating directory", dir)?;
         }
         Ok(Self {
@@ -149,6 +168,7 @@ impl StageContext {
             inputs,
             out_dir: args.out,
             work_dir: args.work,
+            run_dir,
         })
     }
 
@@ -201,6 +221,26 @@ impl StageContext {
     /// Persistent per-stage-key directory for checkpoints.
     pub fn work_dir(&self) -> &Path {
         &self.work_dir
+    }
+
+    /// Where this run's telemetry goes (`$NANOCHAT_RUN_DIR`): anything that differs between
+    /// two runs of the same key — durations, throughput, host names, dates. `--out` holds
+    /// results only, so that a deterministic rerun publishes the same object id.
+    /// `None` when the stage was started without one.
+    pub fn run_dir(&self) -> Option<&Path> {
+        self.run_dir.as_deref()
+    }
+
+    /// Writes `name` into the run directory (atomically). Without a run directory the bytes
+    /// are dropped: telemetry is never worth failing a stage for.
+    pub fn write_run_file(&self, name: &str, bytes: &[u8]) -> Result<()> {
+        match &self.run_dir {
+            Some(dir) => write_atomic(&dir.join(name), bytes),
+            None => {
+                tracing::debug!(file = name, "no {RUN_DIR_ENV}: telemetry not kept");
+                Ok(())
+            }
+        }
     }
 }
 

@@ -21,6 +21,11 @@ use crate::manifest::{hash_file, walk, Manifest};
 pub const MANIFEST_FILE: &str = "manifest.json";
 /// Name of the content directory inside an object directory.
 pub const DATA_DIR: &str = "data";
+/// Name of the run directory beside `data/`: what varies between runs of the stage that first
+/// published the object (durations, throughput, host, dates). Not part of the manifest or the id.
+pub const RUN_DIR: &str = "run";
+/// The record `nanochat-run` writes into an object's run directory.
+pub const RUN_RECORD_FILE: &str = "record.json";
 
 /// How thoroughly [`ArtifactStore::verify`] checks an object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,12 +125,20 @@ impl fmt::Display for Problem {
 pub struct Staging {
     root: PathBuf,
     data: PathBuf,
+    run: PathBuf,
 }
 
 impl Staging {
     /// The directory to write the object's content into (the stage's `--out`).
     pub fn dir(&self) -> &Path {
         &self.data
+    }
+
+    /// The run directory published beside `data/` and outside the hash (the stage's
+    /// `$NANOCHAT_RUN_DIR`): telemetry of this run. Kept only if this publish creates the
+    /// object; an object that already exists keeps the run directory of its first publisher.
+    pub fn run_dir(&self) -> &Path {
+        &self.run
     }
 }
 
@@ -195,6 +208,87 @@ pub struct RunRecord {
     pub argv: Vec<String>,
     /// Per-stage outcomes in execution order.
     pub stages: Vec<StageRecord>,
+}
+
+/// The machine a stage ran on, as far as the OS tells (best effort; empty when unknown).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MachineInfo {
+    /// Host name.
+    pub host: String,
+    /// `linux-x86_64` etc.
+    pub platform: String,
+    /// CPU model name.
+    pub cpu: String,
+    /// Logical CPUs available to the process.
+    pub cpus: usize,
+    /// Total memory in GiB.
+    pub memory_gib: f64,
+}
+
+impl MachineInfo {
+    /// This machine, from `/proc` and the standard library.
+    pub fn current() -> Self {
+        let read = |p: &str| fs::read_to_string(p).unwrap_or_default();
+        let cpu = read("/proc/cpuinfo")
+            .lines()
+            .find(|l| l.starts_with("model name"))
+            .and_then(|l| l.split(':').nth(1))
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default();
+        let memory_gib = read("/proc/meminfo")
+            .lines()
+            .find(|l| l.starts_with("MemTotal:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<f64>().ok())
+            .map_or(0.0, |kb| kb / (1024.0 * 1024.0));
+        MachineInfo {
+            host: read("/proc/sys/kernel/hostname").trim().to_string(),
+            platform: format!("{}-{}", std::env::consts::OS, std::env::consts::ARCH),
+            cpu,
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            memory_gib,
+        }
+    }
+}
+
+/// `run/record.json` beside an object: which run first produced it, when, where and how long
+/// it took. Written by `nanochat-run`; never part of the object's hash.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProducerRecord {
+    /// Pipeline name.
+    pub pipeline: String,
+    /// Stage name.
+    pub stage: String,
+    /// Stage key of the run.
+    pub key: StageKey,
+    /// Start of the (last) attempt, RFC 3339 UTC.
+    pub started: String,
+    /// Wall-clock seconds of the (last) attempt.
+    pub duration_s: f64,
+    /// Whether the attempt resumed from an interrupted one's work dir.
+    pub resumed: bool,
+    /// The stage's inputs: name -> object id (what it was made from).
+    #[serde(default)]
+    pub inputs: BTreeMap<String, ObjectId>,
+    /// The log object of the attempt (its captured output and a copy of the run directory).
+    pub log: Option<ObjectId>,
+    /// Where it ran.
+    pub machine: MachineInfo,
+    /// `git rev-parse HEAD` of the working directory, if any.
+    #[serde(default)]
+    pub git_rev: Option<String>,
+}
+
+impl ProducerRecord {
+    /// Reads `record.json` from a run directory; `Ok(None)` when there is none.
+    pub fn read(run_dir: &Path) -> Result<Option<Self>> {
+        read_json_opt(&run_dir.join(RUN_RECORD_FILE))
+    }
+
+    /// Writes `record.json` into a run directory (atomically).
+    pub fn write(&self, run_dir: &Path) -> Result<()> {
+        write_json(&run_dir.join(RUN_RECORD_FILE), self)
+    }
 }
 
 /// Options for [`ArtifactStore::gc`].
@@ -297,6 +391,10 @@ fn fsync_tree(dir: &Path) -> Result<()> {
     fsync_dir(dir)
 }
 
+fn dir_is_empty(dir: &Path) -> bool {
+    fs::read_dir(dir).is_ok_and(|mut d| d.next().is_none())
+}
+
 fn is_lost_rename_race(e: &std::io::Error) -> bool {
     matches!(
         e.kind(),
@@ -361,6 +459,12 @@ impl ArtifactStore {
         self.object_dir(id).join(DATA_DIR)
     }
 
+    /// `objects/ab/cdef…/run/`: telemetry of the run that first published the object (absent
+    /// for objects published without one). Outside the manifest: reading it never affects ids.
+    pub fn object_run_dir(&self, id: &ObjectId) -> PathBuf {
+        self.object_dir(id).join(RUN_DIR)
+    }
+
     /// Whether an object directory exists (without verifying it).
     pub fn contains(&self, id: &ObjectId) -> bool {
         self.object_dir(id).join(MANIFEST_FILE).is_file()
@@ -413,8 +517,11 @@ impl ArtifactStore {
             .join("tmp")
             .join(format!("stage-{}-{n}-{nanos}", std::process::id()));
         let data = root.join(DATA_DIR);
-        fs::create_dir_all(&data).io("creating staging directory", &data)?;
-        Ok(Staging { root, data })
+        let run = root.join(RUN_DIR);
+        for dir in [&data, &run] {
+            fs::create_dir_all(dir).io("creating staging directory", dir)?;
+        }
+        Ok(Staging { root, data, run })
     }
 
     /// Publishes a filled staging directory: hashes and fsyncs every file, writes the manifest,
@@ -430,6 +537,11 @@ impl ArtifactStore {
             &manifest.canonical_bytes(),
         )?;
         set_read_only(&staging.data)?;
+        if dir_is_empty(&staging.run) {
+            fs::remove_dir(&staging.run).io("removing empty run directory", &staging.run)?;
+        } else {
+            set_read_only(&staging.run)?;
+        }
         fsync_tree(&staging.root)?;
         let dest = self.object_dir(&id);
         let parent = dest.parent().unwrap_or(&self.root).to_path_buf();

@@ -317,3 +317,62 @@ fn publishing_a_symlink_fails_and_names_it() {
     let msg = s.publish(st).unwrap_err().to_string();
     assert!(msg.contains("evil"), "{msg}");
 }
+
+#[test]
+fn the_run_dir_sits_beside_the_object_outside_its_hash_and_the_first_publisher_keeps_it() {
+    let (_d, s) = store();
+    let publish_with_telemetry = |seconds: &str| {
+        let st = s.staging().unwrap();
+        fs::write(st.dir().join("result.txt"), b"42\n").unwrap();
+        fs::write(st.run_dir().join("telemetry.json"), seconds).unwrap();
+        s.publish(st).unwrap()
+    };
+    let first = publish_with_telemetry("{\"seconds\": 1.5}");
+    // Different telemetry, same result: the same object, which keeps its first run dir.
+    let second = publish_with_telemetry("{\"seconds\": 9.0}");
+    assert_eq!(first, second);
+    assert_eq!(
+        s.manifest(&first).unwrap().files.len(),
+        1,
+        "run/ is not hashed"
+    );
+    s.verify(&first, VerifyMode::Full).unwrap();
+    let run = s.object_run_dir(&first);
+    assert_eq!(
+        fs::read_to_string(run.join("telemetry.json")).unwrap(),
+        "{\"seconds\": 1.5}"
+    );
+    assert_eq!(
+        stage::run_dir_of(&s.object_data(&first)),
+        Some(run.clone()),
+        "a stage finds its input's run dir beside the input"
+    );
+    let mode = fs::metadata(run.join("telemetry.json"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o222, 0, "the run dir is as read-only as the data");
+
+    // An object published without telemetry has no run dir at all.
+    let plain = s.publish_file("log.txt", b"hello").unwrap();
+    assert!(!s.object_run_dir(&plain).exists());
+    assert_eq!(stage::run_dir_of(&s.object_data(&plain)), None);
+
+    // The producer record round-trips through the run dir.
+    let record = ProducerRecord {
+        pipeline: "tiny".into(),
+        stage: "pretrain".into(),
+        key: StageKey::new("ab".repeat(32)).unwrap(),
+        started: "2026-01-02T03:04:05Z".into(),
+        duration_s: 12.5,
+        resumed: true,
+        inputs: [("corpus".to_string(), plain.clone())].into(),
+        log: Some(plain.clone()),
+        machine: MachineInfo::current(),
+        git_rev: None,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    assert_eq!(ProducerRecord::read(dir.path()).unwrap(), None);
+    record.write(dir.path()).unwrap();
+    assert_eq!(ProducerRecord::read(dir.path()).unwrap(), Some(record));
+}

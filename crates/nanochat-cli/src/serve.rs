@@ -60,18 +60,13 @@ impl ServeArgs {
 pub fn run(args: ServeArgs) -> Result<ExitCode> {
     let cfg = args.server_config()?;
     // Resolve refs and artifact layouts the same way `generate`/`chat` do.
-    let checkpoint = crate::load::checkpoint_dir(&args.model.model, &args.model.store)?;
-    let model = nanochat_inference::load::load_model(&checkpoint, args.model.tokenizer.as_deref())
-        .or_else(|first| {
-            // A checkpoint whose tokenizer lives beside it (artifact/{model,tokenizer}).
-            match checkpoint.parent() {
-                Some(parent) => {
-                    nanochat_inference::load::load_model(parent, args.model.tokenizer.as_deref())
-                }
-                None => Err(first),
-            }
-        })
-        .with_context(|| format!("loading the model from {}", checkpoint.display()))?;
+    let loc = crate::load::locate(
+        &args.model.model,
+        args.model.tokenizer.as_deref(),
+        &args.model.store,
+    )?;
+    let model = nanochat_inference::load::load_model(&loc.checkpoint, Some(&loc.tokenizer))
+        .with_context(|| format!("loading the model from {}", loc.checkpoint.display()))?;
     let system = actix_web::rt::System::new();
     system.block_on(async move {
         let server = Server::bind(cfg, Arc::new(model)).context("starting the server")?;

@@ -45,6 +45,10 @@ pub enum EvalError {
     /// SVG rendering of a curve failed.
     #[error("plot: {0}")]
     Plot(String),
+    /// Writing a file durably failed, or an artifact could not be found (the path is in the
+    /// message).
+    #[error(transparent)]
+    Store(#[from] nanochat_artifacts::Error),
 }
 
 impl EvalError {

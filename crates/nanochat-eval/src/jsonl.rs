@@ -47,18 +47,3 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<JsonLine>> {
 pub fn first_existing(candidates: &[PathBuf]) -> Option<PathBuf> {
     candidates.iter().find(|p| p.is_file()).cloned()
 }
-
-/// Write `bytes` to `path` atomically (temp file in the same dir, then rename).
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let dir = path.parent().unwrap_or_else(|| Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| EvalError::io(dir, e))?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| EvalError::io(dir, e))?;
-    tmp.write_all(bytes).map_err(|e| EvalError::io(path, e))?;
-    tmp.as_file()
-        .sync_all()
-        .map_err(|e| EvalError::io(path, e))?;
-    tmp.persist(path)
-        .map_err(|e| EvalError::io(path, e.error))?;
-    Ok(())
-}

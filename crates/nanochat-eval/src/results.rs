@@ -86,5 +86,5 @@ pub fn write_jsonl<T: Serialize>(path: &Path, records: &[T]) -> Result<()> {
         serde_json::to_writer(&mut buf, r)?;
         buf.push(b'\n');
     }
-    crate::jsonl::write_atomic(path, &buf)
+    Ok(nanochat_artifacts::write_atomic(path, &buf)?)
 }

@@ -17,9 +17,9 @@ use std::path::{Path, PathBuf};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::jsonl::write_atomic;
 use crate::results::{write_jsonl, ItemResult, SkippedItem};
 use crate::{EvalError, Result};
+use nanochat_artifacts::write_atomic;
 
 /// Bump when the checkpoint format or the meaning of a score changes: old checkpoints are then
 /// ignored, never misread.
@@ -43,7 +43,7 @@ struct Checkpoint<S> {
 /// A task restored from its checkpoint.
 #[derive(Debug, Clone)]
 pub struct Restored<S> {
-    /// The task's score as first computed (its `seconds` included).
+    /// The task's score as first computed (its wall time is telemetry, not checkpointed: 0).
     pub score: S,
     /// Its per-item results.
     pub results: Vec<ItemResult>,

@@ -17,12 +17,13 @@ use crate::core::{
     bundle::load_bundle, custom::load_custom_task, evaluate_task, load_task, CoreOptions,
     ScoringPath, TaskScore, TaskSpec,
 };
-use crate::jsonl::{read_jsonl, write_atomic};
+use crate::jsonl::read_jsonl;
 use crate::model::{EvalTokenizer, Generator, LogProbModel};
 use crate::results::{write_jsonl, FailureSummary, ItemResult, SkippedItem};
 use crate::resume::{file_digest, TaskCheckpoints};
 use crate::sandbox::{Isolation, ProcessLimit, Sandbox, SandboxConfig};
 use crate::{EvalError, Result};
+use nanochat_artifacts::write_atomic;
 
 /// Which evaluation suite to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -77,8 +78,10 @@ pub struct EvalConfig {
     /// Cap on padded tokens per forward pass (bounds logits memory).
     #[serde(default = "default_batch_tokens")]
     pub max_batch_tokens: usize,
-    /// CORE scoring path: `auto` (time both per task, keep the faster), `padded`, `tails`.
-    #[serde(default)]
+    /// CORE scoring path: `padded` (default), `tails`, or `auto` (time both per task, keep
+    /// the faster: its per-option losses then depend on timing in the last digits, so the
+    /// artifact is not bit-reproducible; the decisions are).
+    #[serde(default = "default_scoring")]
     pub scoring: ScoringPath,
     /// Validation text (`{"text": ...}` JSONL) for bits per byte, base mode.
     #[serde(default)]
@@ -116,6 +119,9 @@ pub struct EvalConfig {
 
 fn default_batch() -> usize {
     16
+}
+fn default_scoring() -> ScoringPath {
+    ScoringPath::Padded
 }
 fn default_batch_tokens() -> usize {
     16_384
@@ -228,8 +234,29 @@ pub struct EvalMetrics {
     pub max_per_task: usize,
     /// Caveats to print next to the scores.
     pub notes: Vec<String>,
-    /// Wall time of the whole stage.
+    /// Wall time of the whole stage: telemetry, so not serialized into the artifact (see
+    /// [`EvalMetrics::timing`]).
+    #[serde(default, skip_serializing)]
     pub seconds: f64,
+}
+
+impl EvalMetrics {
+    /// The wall times of the run (`timing.json` in the stage's run directory): total seconds
+    /// and seconds per task. Kept out of `metrics.json` because they differ on every run.
+    pub fn timing(&self) -> serde_json::Value {
+        let mut tasks = serde_json::Map::new();
+        if let Some(core) = &self.core {
+            for t in core.tasks.iter().chain(&core.custom) {
+                tasks.insert(t.label.clone(), t.seconds.into());
+            }
+        }
+        if let Some(chat) = &self.chat {
+            for t in &chat.tasks {
+                tasks.insert(t.task.clone(), t.seconds.into());
+            }
+        }
+        serde_json::json!({ "seconds": self.seconds, "tasks": tasks })
+    }
 }
 
 /// Bits per byte with its totals.
@@ -332,7 +359,7 @@ pub fn run_eval(cfg: &EvalConfig, inputs: &EvalInputs<'_>, out_dir: &Path) -> Re
 /// Run the stage and write its artifact into `out_dir`, checkpointing every finished task into
 /// `work_dir` and reusing the checkpoints a previous (interrupted) run left there when they are
 /// for the same model and task settings (see [`crate::resume`]). The artifact is the same as
-/// an uninterrupted run's, up to the stage's total `seconds`.
+/// an uninterrupted run's (wall times are not part of it).
 pub fn run_eval_resumable(
     cfg: &EvalConfig,
     inputs: &EvalInputs<'_>,
@@ -704,10 +731,10 @@ pub fn summary_markdown(m: &EvalMetrics) -> String {
     );
     if let Some(core) = &m.core {
         if !core.tasks.is_empty() || !core.custom.is_empty() {
-            s.push_str("| Task | Type | Shots | Items | Accuracy | Centered | Time (s) |\n|---|---|---:|---:|---:|---:|---:|\n");
+            s.push_str("| Task | Type | Shots | Items | Accuracy | Centered |\n|---|---|---:|---:|---:|---:|\n");
             for t in core.tasks.iter().chain(&core.custom) {
                 s.push_str(&format!(
-                    "| {}{} | {} | {} | {} | {:.4} | {:.4} | {:.1} |\n",
+                    "| {}{} | {} | {} | {} | {:.4} | {:.4} |\n",
                     t.label,
                     if t.note.is_some() { " *" } else { "" },
                     t.task_type.as_str(),
@@ -715,7 +742,6 @@ pub fn summary_markdown(m: &EvalMetrics) -> String {
                     t.items,
                     t.accuracy,
                     t.centered,
-                    t.seconds
                 ));
             }
             if let Some(c) = core.core_metric {
@@ -733,13 +759,11 @@ pub fn summary_markdown(m: &EvalMetrics) -> String {
         ));
     }
     if let Some(chat) = &m.chat {
-        s.push_str(
-            "| Task | Items | Accuracy | Centered | Time (s) |\n|---|---:|---:|---:|---:|\n",
-        );
+        s.push_str("| Task | Items | Accuracy | Centered |\n|---|---:|---:|---:|\n");
         for t in &chat.tasks {
             s.push_str(&format!(
-                "| {} | {} | {:.4} | {:.4} | {:.1} |\n",
-                t.task, t.items, t.accuracy, t.centered, t.seconds
+                "| {} | {} | {:.4} | {:.4} |\n",
+                t.task, t.items, t.accuracy, t.centered
             ));
         }
         if let Some(c) = chat.chatcore {

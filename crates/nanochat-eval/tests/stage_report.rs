@@ -251,11 +251,26 @@ fn chat_stage_runs_all_tasks_and_computes_chatcore() {
 #[test]
 fn report_card_from_artifacts_and_comparison() {
     let root = tempfile::tempdir().unwrap();
-    let pretrain = root.path().join("pretrain");
+    // A training artifact as the store holds it: data/ (results) beside run/ (telemetry).
+    let pretrain = root.path().join("pretrain/data");
+    let run = root.path().join("pretrain/run");
     std::fs::create_dir_all(&pretrain).unwrap();
+    std::fs::create_dir_all(&run).unwrap();
     std::fs::write(
-        pretrain.join("metrics.json"),
-        r#"{"steps": 200, "tokens": 1234567, "seconds": 61.5, "final": {"train_loss": 3.21, "val_bpb": 1.05}}"#,
+        pretrain.join("summary.json"),
+        r#"{"step": 200, "train_loss": 3.21, "val_bpb": 1.05, "min_val_bpb": 1.04, "config": {"total_batch_size": 2048}}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        run.join("record.json"),
+        r#"{"started": "2026-01-02T03:04:05Z", "duration_s": 99.0, "resumed": false,
+            "inputs": {"corpus": "1a2b3c4d5e6f7a8b9c0d"},
+            "machine": {"host": "box", "cpu": "Some CPU", "cpus": 2, "platform": "linux-x86_64", "memory_gib": 4.0}}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        run.join("telemetry.json"),
+        r#"{"train_seconds": 61.5, "mean_tok_per_s": 1234.4, "threads": 2, "matmul_precision": "f32"}"#,
     )
     .unwrap();
     let mut log = String::new();
@@ -285,10 +300,34 @@ fn report_card_from_artifacts_and_comparison() {
     let card = report::build_report("test card", &inputs, &out).unwrap();
     report::write_report(&card, &out).unwrap();
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
-    assert!(md.contains("# test card"));
-    assert!(md.contains("- tokens: 1,234,567"), "{md}");
-    assert!(md.contains("- final.val_bpb: 1.0500"), "{md}");
-    assert!(md.contains("| CORE |"), "{md}");
+    // A page a person reads: title, then the summary table before any section.
+    assert!(md.starts_with("# test card\n\n| Metric |"), "{md}");
+    assert!(md.find("| CORE |").unwrap() < md.find("## pretrain").unwrap());
+    // The training section: what, how long, where, final numbers.
+    assert!(
+        md.contains("200 optimizer steps × total batch size 2,048."),
+        "{md}"
+    );
+    assert!(
+        md.contains("Final: train loss 3.2100, validation bpb 1.0500, best 1.0400."),
+        "{md}"
+    );
+    assert!(
+        md.contains("Took 1 min 02 s on box (Some CPU (2 CPUs), 2 threads, f32 matmuls), 1,234 tokens/s, started 2026-01-02T03:04:05Z."),
+        "{md}"
+    );
+    assert!(md.contains("Inputs: corpus (`1a2b3c4d5e6f`)."), "{md}");
+    // No flattened key dump in the page; the raw numbers stay in report.json.
+    assert!(!md.contains("config.total_batch_size"), "{md}");
+    assert_eq!(card.stages[0].metrics["config.total_batch_size"], 2048);
+    assert_eq!(card.stages[0].kind, "training");
+    // The eval section: its score and a per-task table.
+    assert_eq!(card.stages[1].kind, "eval");
+    assert!(md.contains("**CORE tasks**"), "{md}");
+    assert!(
+        md.contains("| Task | Type | Shots | Items | Accuracy | Centered |"),
+        "{md}"
+    );
     let core = card.summary["CORE"]["BASE"];
     assert!(md.contains(&format!("{core:.4}")));
     assert_eq!(
@@ -306,6 +345,18 @@ fn report_card_from_artifacts_and_comparison() {
         );
         assert!(md.contains(&format!("]({c})")));
     }
+    // Same inputs, same bytes (the card is a function of its inputs).
+    let again = root.path().join("report-again");
+    let card2 = report::build_report("test card", &inputs, &again).unwrap();
+    report::write_report(&card2, &again).unwrap();
+    assert_eq!(
+        std::fs::read(again.join("report.md")).unwrap(),
+        md.as_bytes()
+    );
+    assert_eq!(
+        std::fs::read(again.join("report.json")).unwrap(),
+        std::fs::read(out.join("report.json")).unwrap()
+    );
     let loaded = report::load_report(&out.join("report.json")).unwrap();
     assert_eq!(loaded, card);
 
@@ -318,7 +369,7 @@ fn report_card_from_artifacts_and_comparison() {
     let cmp = report::compare_markdown(&card, &b, "a", "b");
     assert!(cmp.contains("+0.1000"), "{cmp}");
     assert!(
-        cmp.contains("| pretrain | steps | 200.0000 | 200.0000 | +0.0000 |"),
+        cmp.contains("| pretrain | step | 200.0000 | 200.0000 | +0.0000 |"),
         "{cmp}"
     );
 
@@ -438,22 +489,11 @@ fn resumable_base(
     (r, model.calls.into_inner())
 }
 
-/// metrics.json without wall times, plus every results file: what must not change when a
-/// run is resumed.
-fn artifact_without_times(out: &Path) -> (serde_json::Value, Vec<(String, String)>) {
-    fn strip(v: &mut serde_json::Value) {
-        match v {
-            serde_json::Value::Object(m) => {
-                m.remove("seconds");
-                m.values_mut().for_each(strip);
-            }
-            serde_json::Value::Array(a) => a.iter_mut().for_each(strip),
-            _ => {}
-        }
-    }
-    let mut m: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
-    strip(&mut m);
+/// metrics.json and every results file, byte for byte: what must not change when a run is
+/// resumed (wall times are telemetry and not in the artifact).
+fn artifact_bytes(out: &Path) -> (String, Vec<(String, String)>) {
+    let m = std::fs::read_to_string(out.join("metrics.json")).unwrap();
+    assert!(!m.contains("seconds"), "telemetry in the artifact: {m}");
     let mut files: Vec<(String, String)> = std::fs::read_dir(out.join("results"))
         .unwrap()
         .map(|e| {
@@ -500,8 +540,8 @@ fn interrupted_eval_resumes_from_task_checkpoints() {
     r.unwrap();
     assert_eq!(rerun_calls, clean_calls - first_calls);
     assert_eq!(
-        artifact_without_times(&root.path().join("run2")),
-        artifact_without_times(&root.path().join("clean"))
+        artifact_bytes(&root.path().join("run2")),
+        artifact_bytes(&root.path().join("clean"))
     );
 
     // a finished run's checkpoints are all reused...

@@ -1,11 +1,12 @@
-//! Loading a servable model from an artifact directory: a checkpoint (`model.safetensors`,
-//! `config.json`, `meta.json`) and the tokenizer it was trained with (`tokenizer.tiktoken`,
-//! `tokenizer.json`), either side by side or in sub-directories (a store object's `data/`,
-//! `checkpoint/`, `tokenizer/`).
+//! Loading a servable model from a model reference: a model artifact (`model/` +
+//! `tokenizer/`, a store object's `data/`), a store object directory or a checkpoint
+//! directory, found by the one resolver every stage and the CLI use
+//! ([`nanochat_artifacts::layout::resolve_model`], docs/artifacts.md "Artifact layout").
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
+use nanochat_artifacts::layout::resolve_model;
 use nanochat_engine::Engine;
 use nanochat_model::Gpt;
 use nanochat_tokenizer::Tokenizer;
@@ -14,70 +15,17 @@ use sha2::{Digest, Sha256};
 use crate::engine_backend::EngineModel;
 use crate::error::{InferenceError, Result};
 
-/// Directories searched for the checkpoint and tokenizer files: the directory itself, its
-/// `data/` (a store object), and the immediate sub-directories of both.
-fn candidate_dirs(root: &Path) -> Vec<PathBuf> {
-    let mut bases = vec![root.to_path_buf()];
-    if root.join("data").is_dir() {
-        bases.push(root.join("data"));
-    }
-    let mut out = bases.clone();
-    for base in &bases {
-        if let Ok(entries) = std::fs::read_dir(base) {
-            let mut subs: Vec<PathBuf> = entries
-                .flatten()
-                .map(|e| e.path())
-                .filter(|p| p.is_dir())
-                .collect();
-            subs.sort();
-            out.extend(subs);
-        }
-    }
-    out
-}
-
-fn find_dir(root: &Path, files: &[&str]) -> Option<PathBuf> {
-    candidate_dirs(root)
-        .into_iter()
-        .find(|d| files.iter().all(|f| d.join(f).is_file()))
-}
-
-/// Load the checkpoint and tokenizer under `root` into an engine-backed servable model.
+/// Load the checkpoint and tokenizer of the model artifact at `root` into an engine-backed
+/// servable model.
 pub fn load_model_dir(root: &Path) -> Result<EngineModel<Gpt>> {
     load_model(root, None)
 }
 
 /// Like [`load_model_dir`], with the tokenizer taken from `tokenizer_dir` when given.
 pub fn load_model(root: &Path, tokenizer_dir: Option<&Path>) -> Result<EngineModel<Gpt>> {
-    if !root.is_dir() {
-        return Err(InferenceError::Model(format!(
-            "{}: not a directory",
-            root.display()
-        )));
-    }
-    let ckpt_files = [
-        nanochat_model::checkpoint::WEIGHTS_FILE,
-        nanochat_model::checkpoint::CONFIG_FILE,
-        nanochat_model::checkpoint::META_FILE,
-    ];
-    let ckpt_dir = find_dir(root, &ckpt_files).ok_or_else(|| {
-        InferenceError::Model(format!(
-            "{}: no checkpoint found (looked for {} here, in data/ and in their sub-directories)",
-            root.display(),
-            ckpt_files.join(" + ")
-        ))
-    })?;
-    let tok_dir = match tokenizer_dir {
-        Some(d) => Some(d.to_path_buf()),
-        None => find_dir(root, &[nanochat_tokenizer::RANKS_FILE]),
-    };
-    let tok_dir = tok_dir.ok_or_else(|| {
-        InferenceError::Model(format!(
-            "{}: no tokenizer found (looked for {} next to the checkpoint, in data/ and sub-directories); pass --tokenizer <dir>",
-            root.display(),
-            nanochat_tokenizer::RANKS_FILE
-        ))
-    })?;
+    let loc = resolve_model(root, tokenizer_dir, None)
+        .map_err(|e| InferenceError::Model(e.to_string()))?;
+    let (ckpt_dir, tok_dir) = (loc.checkpoint, loc.tokenizer);
     let tokenizer = Tokenizer::load(&tok_dir)
         .map_err(|e| InferenceError::Model(format!("{}: {e}", tok_dir.display())))?;
     let (gpt, meta) = nanochat_model::load_checkpoint(&ckpt_dir)

@@ -22,7 +22,7 @@ fn write_tiny_model(dir: &Path) {
     let tokenizer = Tokenizer::nanochat("bytes", (0..=255u8).map(|b| vec![b]).collect()).unwrap();
     let cfg = GptConfig::from_depth(1, tokenizer.vocab_size() as usize, 256).unwrap();
     let gpt = Gpt::new(cfg, 7).unwrap();
-    gpt.save_checkpoint(&dir.join("checkpoint"), &CheckpointMeta::new(0))
+    gpt.save_checkpoint(&dir.join("model"), &CheckpointMeta::new(0))
         .unwrap();
     tokenizer.save(&dir.join("tokenizer")).unwrap();
 }
@@ -120,7 +120,7 @@ fn loading_a_directory_without_a_model_says_what_is_missing() {
         .expect("no model")
         .to_string();
     assert!(
-        err.contains("no checkpoint found") && err.contains("model.safetensors"),
+        err.contains("no model.safetensors") && err.contains("model/"),
         "{err}"
     );
     let tokenizer = Tokenizer::nanochat("bytes", (0..=255u8).map(|b| vec![b]).collect()).unwrap();
@@ -133,7 +133,7 @@ fn loading_a_directory_without_a_model_says_what_is_missing() {
         .err()
         .expect("no tokenizer")
         .to_string();
-    assert!(err.contains("no tokenizer found"), "{err}");
+    assert!(err.contains("no tokenizer with the model"), "{err}");
     tokenizer.save(tmp.path()).unwrap();
     assert!(load_model_dir(tmp.path()).is_ok());
 }

@@ -54,11 +54,14 @@ struct DataSection {
     /// Batches prepared ahead by the loader thread.
     #[serde(default = "default_prefetch")]
     prefetch: usize,
-    /// This process's data-parallel rank: it reads documents `rank, rank + world_size, …` of
-    /// every shard (training and validation), nanochat's sharding. Must be < `world_size`.
+    /// Which slice of the data this process reads: documents `rank, rank + world_size, …` of
+    /// every shard (training and validation), nanochat's data-parallel sharding. Only the
+    /// reading: this process does not talk to other ranks (no gradient exchange), so a value
+    /// other than 0 of 1 trains on a 1/`world_size` slice. A data-parallel launcher will set
+    /// these per process. Must be < `world_size`.
     #[serde(default)]
     rank: usize,
-    /// Number of data-parallel ranks (1: this process reads everything).
+    /// Number of slices the data is cut into (1: this process reads everything).
     #[serde(default = "default_world_size")]
     world_size: usize,
 }
@@ -167,6 +170,7 @@ fn run(ctx: &StageContext) -> Result<i32> {
         dirs: RunDirs {
             work: ctx.work_dir().to_path_buf(),
             out: ctx.out_dir().to_path_buf(),
+            run: ctx.run_dir().map(std::path::Path::to_path_buf),
         },
         meta: CheckpointMeta::new(0),
         interrupted: &stage::interrupted,

@@ -9,7 +9,7 @@
 //! fail = false      # exit 1 instead of producing output
 //! ```
 //! Output: `result.txt` = each input's `result.txt` (inputs sorted by name), then `text`, then
-//! one line per step. Progress is checkpointed in `--work`, so an interrupted or killed run
+//! one line per step; telemetry (its pid, which differs on every run) goes to the run dir. Progress is checkpointed in `--work`, so an interrupted or killed run
 //! resumes where it stopped and produces the same bytes.
 
 use std::fs;
@@ -67,6 +67,11 @@ fn main() -> Result<()> {
     result.push('\n');
     result.push_str(&done);
     stage::write_atomic(&ctx.out_dir().join("result.txt"), result.as_bytes())?;
+    // What differs between two runs of the same key goes to the run dir, not --out.
+    ctx.write_run_file(
+        "telemetry.json",
+        format!("{{\"pid\": {}}}\n", std::process::id()).as_bytes(),
+    )?;
     println!("toy_stage: wrote {} bytes", result.len());
     Ok(())
 }

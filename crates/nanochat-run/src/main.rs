@@ -25,6 +25,8 @@ Examples:
   nanochat-run status tiny                    which stages are cached or stale
   nanochat-run gc --delete                    remove unreachable objects
   nanochat-run serve --ref latest/sft -- --port 8000
+  nanochat-run serve --pipeline speedrun      the pipeline's serve target (its sft model)
+  nanochat-run speedrun --dry-run             every stage explained, and the data to fetch
   nanochat-run report --compare runs/a/report runs/b/report
                                               two report cards side by side, with deltas
 
@@ -128,9 +130,13 @@ enum Command {
     Refs,
     /// Start the inference server (`nanochat-inference`) on a stored model.
     Serve {
-        /// Ref or object id of the model artifact.
-        #[arg(long = "ref", default_value = "latest/sft", value_name = "REF")]
-        reference: String,
+        /// Ref or object id of the model artifact (default: latest/sft).
+        #[arg(long = "ref", value_name = "REF", conflicts_with = "pipeline")]
+        reference: Option<String>,
+        /// Serve the pipeline's `serve:` target instead: that stage's output of the pipeline's
+        /// last run (runs/<pipeline>/<stage>), with the server config the pipeline names.
+        #[arg(long, value_name = "PIPELINE")]
+        pipeline: Option<String>,
         /// Extra arguments passed to nanochat-inference (after `--`).
         #[arg(last = true, value_name = "ARGS")]
         passthrough: Vec<String>,
@@ -291,10 +297,37 @@ fn real_main(cli: Cli, progress: indicatif::MultiProgress) -> Result<ExitCode> {
         }
         Some(Command::Serve {
             reference,
+            pipeline,
             passthrough,
         }) => {
             let store = open_store()?;
-            let id = resolve_target(&store, &reference)?;
+            let mut args: Vec<std::ffi::OsString> = Vec::new();
+            let reference = match &pipeline {
+                Some(p) => {
+                    let pl = load_pipeline(p)?;
+                    let Some(sv) = &pl.serve else {
+                        bail!(
+                            "pipeline {} has no `serve:` target (add `serve: {{ stage: sft }}`, or use --ref)",
+                            pl.file.display()
+                        );
+                    };
+                    if let Some(c) = &sv.config {
+                        args.push("--config".into());
+                        args.push(c.into());
+                    }
+                    args.extend(sv.args.iter().map(Into::into));
+                    format!("runs/{}/{}", pl.name, sv.stage)
+                }
+                None => reference.unwrap_or_else(|| "latest/sft".into()),
+            };
+            let id = resolve_target(&store, &reference).with_context(|| {
+                if pipeline.is_some() {
+                    "the pipeline's serve target has not been produced yet: run the pipeline first"
+                        .to_string()
+                } else {
+                    format!("--ref {reference}")
+                }
+            })?;
             store
                 .verify(&id, VerifyMode::Fast)
                 .with_context(|| format!("model artifact {reference} is damaged"))?;
@@ -304,7 +337,10 @@ fn real_main(cli: Cli, progress: indicatif::MultiProgress) -> Result<ExitCode> {
             let model = store.object_data(&id);
             tracing::info!(binary = %bin.display(), model = %model.display(), "starting server");
             let mut cmd = std::process::Command::new(&bin);
-            cmd.arg("--model").arg(&model).args(&passthrough);
+            cmd.arg("--model")
+                .arg(&model)
+                .args(&args)
+                .args(&passthrough);
             use std::os::unix::process::CommandExt;
             let err = cmd.exec();
             Err(err).with_context(|| format!("starting {}", bin.display()))

@@ -45,6 +45,40 @@ struct PipelineFile {
     #[allow(dead_code)]
     description: Option<String>,
     stages: BTreeMap<String, StageFile>,
+    /// What `nanochat-run serve --pipeline` starts.
+    #[serde(default)]
+    serve: Option<ServeFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServeFile {
+    stage: String,
+    #[serde(default)]
+    config: Option<String>,
+    #[serde(default)]
+    args: Vec<String>,
+}
+
+/// Data a stage reads from outside the store, and how to get it (shown by `--dry-run`).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Need {
+    /// A file or directory, relative to where nanochat-run runs.
+    pub path: String,
+    /// The command that fetches or builds it.
+    pub fetch: String,
+}
+
+/// The pipeline's serve target: the chat server on one stage's output.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServeTarget {
+    /// The stage whose output is served (`runs/<pipeline>/<stage>`).
+    pub stage: String,
+    /// Server config file (resolved like stage configs), passed as `--config`.
+    pub config: Option<PathBuf>,
+    /// Further nanochat-inference arguments.
+    pub args: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -65,6 +99,10 @@ struct StageFile {
     /// How the ranks are started (`launcher: { kind: slurm, nodes: 4, ranks_per_node: 8 }`).
     #[serde(default)]
     launcher: Option<LauncherFile>,
+    #[serde(default)]
+    about: Option<String>,
+    #[serde(default)]
+    needs: Vec<Need>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -233,6 +271,10 @@ pub struct Stage {
     pub env: BTreeMap<String, String>,
     /// How its processes start (one, several local ranks, or `srun`).
     pub launch: Launch,
+    /// What the stage does, in a sentence (documentation; not part of the key).
+    pub about: Option<String>,
+    /// Outside data it reads and how to fetch it (documentation; not part of the key).
+    pub needs: Vec<Need>,
     /// Where the stage is declared (for later error messages).
     pub line: usize,
 }
@@ -244,6 +286,8 @@ pub struct Pipeline {
     pub file: PathBuf,
     /// Topologically sorted.
     pub stages: Vec<Stage>,
+    /// What `nanochat-run serve --pipeline` serves.
+    pub serve: Option<ServeTarget>,
 }
 
 impl Pipeline {
@@ -512,12 +556,47 @@ pub fn parse(text: &str, path: &Path) -> Result<Pipeline, PipelineError> {
             resources: spec.resources.unwrap_or_default(),
             env: spec.env,
             launch,
+            about: spec.about,
+            needs: spec.needs,
             line,
         });
     }
 
     // Every input must name a stage.
     let names: Vec<String> = stages.iter().map(|s| s.name.clone()).collect();
+    let serve = match file.serve {
+        None => None,
+        Some(sv) => {
+            let loc = || locate(text, "serve", |l| l.starts_with("serve:")).unwrap_or((1, 1));
+            if !names.contains(&sv.stage) {
+                return Err(err(
+                    loc(),
+                    format!(
+                        "serve: stage {:?} is not a stage of this pipeline (stages: {})",
+                        sv.stage,
+                        names.join(", ")
+                    ),
+                ));
+            }
+            let config = match sv.config {
+                None => None,
+                Some(p) => Some(resolve_config_path(&base, &p).ok_or_else(|| {
+                    err(
+                        loc(),
+                        format!(
+                            "serve: config file {p:?} not found (looked relative to {} and its parent)",
+                            base.display()
+                        ),
+                    )
+                })?),
+            };
+            Some(ServeTarget {
+                stage: sv.stage,
+                config,
+                args: sv.args,
+            })
+        }
+    };
     for s in &stages {
         for (input, src) in &s.inputs {
             if !names.contains(src) {
@@ -595,6 +674,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Pipeline, PipelineError> {
         name,
         file: path.to_path_buf(),
         stages: sorted,
+        serve,
     })
 }
 
@@ -622,6 +702,36 @@ mod tests {
 
     fn parse_str(text: &str) -> Result<Pipeline, PipelineError> {
         parse(text, Path::new("/nonexistent/pipelines/p.yaml"))
+    }
+
+    #[test]
+    fn about_needs_and_serve_are_read_and_the_serve_stage_must_exist() {
+        let p = parse_str(
+            "stages:\n  a:\n    run: x\n    about: makes a\n    needs:\n      - path: data/a\n        fetch: get-a.sh\nserve:\n  stage: a\n  args: [--port, \"9\"]\n",
+        )
+        .unwrap();
+        let a = p.stage("a").unwrap();
+        assert_eq!(a.about.as_deref(), Some("makes a"));
+        assert_eq!(
+            a.needs,
+            vec![Need {
+                path: "data/a".into(),
+                fetch: "get-a.sh".into()
+            }]
+        );
+        assert_eq!(
+            p.serve,
+            Some(ServeTarget {
+                stage: "a".into(),
+                config: None,
+                args: vec!["--port".into(), "9".into()],
+            })
+        );
+        let e = parse_str("stages:\n  a:\n    run: x\nserve:\n  stage: b\n").unwrap_err();
+        assert_eq!((e.line, e.column), (4, 1), "{e}");
+        assert!(e.message.contains("stage \"b\" is not a stage"), "{e}");
+        let e = parse_str("stages:\n  a:\n    run: x\n    needs: [{ path: p }]\n").unwrap_err();
+        assert!(e.message.contains("fetch"), "{e}");
     }
 
     #[test]

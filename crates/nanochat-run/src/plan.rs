@@ -135,13 +135,15 @@ pub fn fingerprint(
 }
 
 /// Decides whether `stage` (with these input objects) is cached or must run, and why.
+/// `forced_by` names the flag that asks for a rerun even when cached (`--force`, `--only`,
+/// `--from`); it is the reason shown.
 pub fn decide(
     store: &ArtifactStore,
     pipeline: &Pipeline,
     stage: &Stage,
     binaries: &Binaries,
     inputs: &BTreeMap<String, ObjectId>,
-    forced: bool,
+    forced_by: Option<&str>,
     mode: VerifyMode,
 ) -> Result<Decision> {
     let (fp, config) = fingerprint(stage, binaries, inputs)?;
@@ -152,8 +154,8 @@ pub fn decide(
         config: config.clone(),
         reasons,
     };
-    if forced {
-        return Ok(run(vec!["forced".into()]));
+    if let Some(flag) = forced_by {
+        return Ok(run(vec![flag.to_string()]));
     }
     if let Some(entry) = store.cache_get(&key)? {
         return Ok(match store.verify(&entry.object, mode) {

@@ -11,9 +11,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context, Result};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use nanochat_artifacts::stage::StageArgs;
+use nanochat_artifacts::stage::{StageArgs, RUN_DIR_ENV};
 use nanochat_artifacts::{
-    write_atomic, ArtifactStore, ObjectId, RunRecord, StageRecord, VerifyMode,
+    write_atomic, ArtifactStore, MachineInfo, ObjectId, ProducerRecord, RunRecord, StageRecord,
+    VerifyMode,
 };
 
 use crate::pipeline::{Launch, Pipeline, Stage};
@@ -76,22 +77,32 @@ fn check_stage_names(pipeline: &Pipeline, names: &[String], flag: &str) -> Resul
     Ok(())
 }
 
+/// Stages rerun even when cached, each with the flag that asked for it (the reason shown).
+type Forced = BTreeMap<String, String>;
+
 /// (selected, forced) stage names for the options.
-fn selection(
-    pipeline: &Pipeline,
-    opts: &RunOptions,
-) -> Result<(BTreeSet<String>, BTreeSet<String>)> {
+fn selection(pipeline: &Pipeline, opts: &RunOptions) -> Result<(BTreeSet<String>, Forced)> {
     check_stage_names(pipeline, &opts.force, "--force")?;
     check_stage_names(pipeline, &opts.only, "--only")?;
     if let Some(f) = &opts.from {
         check_stage_names(pipeline, std::slice::from_ref(f), "--from")?;
     }
-    let mut forced: BTreeSet<String> = opts.force.iter().cloned().collect();
+    let mut forced: Forced = opts
+        .force
+        .iter()
+        .map(|s| (s.clone(), format!("--force {s}")))
+        .collect();
     let selected: BTreeSet<String> = if !opts.only.is_empty() {
-        forced.extend(opts.only.iter().cloned());
+        for s in &opts.only {
+            forced
+                .entry(s.clone())
+                .or_insert_with(|| format!("--only {s}: rerun on its cached inputs"));
+        }
         opts.only.iter().cloned().collect()
     } else if let Some(from) = &opts.from {
-        forced.insert(from.clone());
+        forced
+            .entry(from.clone())
+            .or_insert_with(|| format!("--from {from}: rerun, then what depends on it"));
         pipeline.descendants(from).into_iter().collect()
     } else {
         pipeline.stages.iter().map(|s| s.name.clone()).collect()
@@ -113,7 +124,7 @@ fn simulate(
     pipeline: &Pipeline,
     binaries: &Binaries,
     selected: &BTreeSet<String>,
-    forced: &BTreeSet<String>,
+    forced: &Forced,
     mode: VerifyMode,
 ) -> Vec<PlanRow> {
     let mut known: HashMap<String, ObjectId> = HashMap::new();
@@ -146,7 +157,7 @@ fn simulate(
             stage,
             binaries,
             &inputs,
-            forced.contains(&stage.name),
+            forced.get(&stage.name).map(String::as_str),
             mode,
         ) {
             Ok(Decision::Cached { entry, .. }) => {
@@ -215,11 +226,78 @@ fn print_table(header: [&str; 4], rows: &[[String; 4]]) {
     }
 }
 
+/// What each stage does and which outside data it reads (present or missing, and the command
+/// that fetches it), then how to serve the result: the part of `--dry-run` and `status` that
+/// explains the pipeline on a machine that has none of its data yet.
+fn explain(pipeline: &Pipeline, shown: &BTreeSet<String>) {
+    let stages: Vec<&Stage> = pipeline
+        .stages
+        .iter()
+        .filter(|s| shown.contains(&s.name))
+        .collect();
+    if stages
+        .iter()
+        .all(|s| s.about.is_none() && s.needs.is_empty())
+        && pipeline.serve.is_none()
+    {
+        return;
+    }
+    let width = stages.iter().map(|s| s.name.len()).max().unwrap_or(0);
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "\nstages:");
+    let mut fetch: Vec<&str> = Vec::new();
+    for s in &stages {
+        let _ = writeln!(
+            out,
+            "  {:<width$}  {}",
+            s.name,
+            s.about.as_deref().unwrap_or("(no description)")
+        );
+        for need in &s.needs {
+            let present = std::path::Path::new(&need.path).exists();
+            let _ = writeln!(
+                out,
+                "  {:<width$}    reads {}: {}",
+                "",
+                need.path,
+                if present {
+                    "present".to_string()
+                } else {
+                    format!("MISSING, fetch with `{}`", need.fetch)
+                }
+            );
+            if !present && !fetch.contains(&need.fetch.as_str()) {
+                fetch.push(&need.fetch);
+            }
+        }
+    }
+    if !fetch.is_empty() {
+        let _ = writeln!(out, "\nmissing data: fetch it first with");
+        for f in fetch {
+            let _ = writeln!(out, "  {f}");
+        }
+    }
+    if let Some(sv) = &pipeline.serve {
+        let _ = writeln!(
+            out,
+            "\nserve: `nanochat-run serve --pipeline {}` starts the chat server on the {} output (runs/{}/{}){}",
+            pipeline.file.display(),
+            sv.stage,
+            pipeline.name,
+            sv.stage,
+            sv.config
+                .as_ref()
+                .map(|c| format!(", server config {}", c.display()))
+                .unwrap_or_default()
+        );
+    }
+}
+
 /// `nanochat-run status PIPELINE`.
 pub fn status(store: &ArtifactStore, pipeline: &Pipeline, mode: VerifyMode) -> Result<ExitCode> {
     let binaries = Binaries::default();
     let all: BTreeSet<String> = pipeline.stages.iter().map(|s| s.name.clone()).collect();
-    let rows = simulate(store, pipeline, &binaries, &all, &BTreeSet::new(), mode);
+    let rows = simulate(store, pipeline, &binaries, &all, &Forced::new(), mode);
     println!("pipeline {} ({})", pipeline.name, pipeline.file.display());
     let table: Vec<[String; 4]> = rows
         .into_iter()
@@ -232,29 +310,24 @@ pub fn status(store: &ArtifactStore, pipeline: &Pipeline, mode: VerifyMode) -> R
         })
         .collect();
     print_table(["STAGE", "STATE", "OUTPUT", "WHY"], &table);
+    explain(pipeline, &all);
     Ok(ExitCode::SUCCESS)
 }
 
-fn hostname() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates on success.
-    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    if rc != 0 {
-        return "unknown".into();
-    }
-    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    String::from_utf8_lossy(&buf[..end]).into_owned()
-}
-
+/// `git rev-parse HEAD` of the working directory, asked once per process.
 fn git_rev() -> Option<String> {
-    let out = Command::new("git")
-        .args(["rev-parse", "HEAD"])
-        .stderr(Stdio::null())
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    static REV: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    REV.get_or_init(|| {
+        let out = Command::new("git")
+            .args(["rev-parse", "HEAD"])
+            .stderr(Stdio::null())
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    })
+    .clone()
 }
 
 /// Runs (or dry-runs) a pipeline.
@@ -316,6 +389,7 @@ pub fn run(
             })
             .collect();
         print_table(["STAGE", "ACTION", "OUTPUT", "WHY"], &table);
+        explain(pipeline, &needed);
         return Ok(ExitCode::SUCCESS);
     }
 
@@ -433,14 +507,14 @@ pub fn run(
                     if inputs.len() != stage.inputs.len() || stop {
                         continue;
                     }
-                    let is_forced = forced.contains(&stage.name);
+                    let forced_by = forced.get(&stage.name).map(String::as_str);
                     let decision = match decide(
                         store,
                         pipeline,
                         stage,
                         &binaries,
                         &inputs,
-                        is_forced,
+                        forced_by,
                         opts.verify,
                     ) {
                         Ok(d) => d,
@@ -506,7 +580,7 @@ pub fn run(
                                 fingerprint: fingerprint.to_value(),
                                 config,
                                 inputs,
-                                forced: is_forced,
+                                forced: forced_by.is_some(),
                             };
                             let tx = tx.clone();
                             let shared = Arc::clone(&shared);
@@ -591,7 +665,7 @@ pub fn run(
         pipeline: pipeline.name.clone(),
         started: nanochat_artifacts::rfc3339_utc(started_at),
         duration_s: t0.elapsed().as_secs_f64(),
-        host: hostname(),
+        host: MachineInfo::current().host,
         git_rev: git_rev(),
         argv: std::env::args().collect(),
         stages: stage_records.clone(),
@@ -821,11 +895,12 @@ fn run_stage(
         out: out.dir().to_path_buf(),
         work: lock.dir().to_path_buf(),
     };
-    let base = |program: &std::path::Path| {
+    let base = |program: &std::path::Path, run_dir: &std::path::Path| {
         let mut cmd = Command::new(program);
         cmd.envs(&stage.env)
             .env("NANOCHAT_STAGE", &stage.name)
             .env("NANOCHAT_STAGE_KEY", job.key.as_str())
+            .env(RUN_DIR_ENV, run_dir)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -863,7 +938,7 @@ fn run_stage(
     let launch_note: String;
     match &stage.launch {
         Launch::Single => {
-            let mut cmd = base(&bin);
+            let mut cmd = base(&bin, out.run_dir());
             cmd.args(args.to_argv());
             threads(&mut cmd, None);
             procs.push(Proc { label: None, cmd });
@@ -876,9 +951,11 @@ fn run_stage(
             let per_rank = (cores / world).max(1);
             for rank in 0..world {
                 let mut rank_args = args.clone();
+                let mut run_dir = out.run_dir().to_path_buf();
                 if rank > 0 {
                     let scratch = store.staging()?;
                     rank_args.out = scratch.dir().to_path_buf();
+                    run_dir = scratch.run_dir().to_path_buf();
                     scratch_outs.push(scratch);
                 }
                 let env = nanochat_dist::DistEnv {
@@ -891,7 +968,7 @@ fn run_stage(
                     launcher: nanochat_dist::Launcher::Torchrun,
                     job_tag: format!("{}-{}", job.key.short(), std::process::id()),
                 };
-                let mut cmd = base(&bin);
+                let mut cmd = base(&bin, &run_dir);
                 cmd.args(rank_args.to_argv()).envs(env.to_vars());
                 threads(&mut cmd, Some(per_rank));
                 procs.push(Proc {
@@ -910,7 +987,7 @@ fn run_stage(
             srun_args: extra,
         } => {
             let srun = std::env::var_os("NANOCHAT_SRUN").unwrap_or_else(|| "srun".into());
-            let mut cmd = base(std::path::Path::new(&srun));
+            let mut cmd = base(std::path::Path::new(&srun), out.run_dir());
             let sargs = srun_args(*nodes, *ranks_per_node, extra);
             cmd.args(&sargs).arg(&bin).args(args.to_argv());
             threads(&mut cmd, None);
@@ -958,6 +1035,7 @@ fn run_stage(
     bar.set_prefix(stage.name.clone());
     bar.enable_steady_tick(Duration::from_millis(200));
 
+    let started = SystemTime::now();
     let t0 = Instant::now();
     let mut children = Vec::with_capacity(procs.len());
     let mut pumps = Vec::new();
@@ -1043,6 +1121,12 @@ fn run_stage(
         );
         let _ = f.sync_all();
     }
+    // Every execution's telemetry stays readable in its log object, also when the output
+    // object already existed (and so keeps its first producer's run dir) or was not published.
+    copy_files(
+        out.run_dir(),
+        &log_staging.dir().join(nanochat_artifacts::RUN_DIR),
+    )?;
     let log_id = store.publish(log_staging)?;
     store.set_ref(&format!("logs/{}/{}", pipeline.name, stage.name), &log_id)?;
 
@@ -1076,6 +1160,19 @@ fn run_stage(
             }),
         });
     }
+    ProducerRecord {
+        pipeline: pipeline.name.clone(),
+        stage: stage.name.clone(),
+        key: job.key.clone(),
+        started: nanochat_artifacts::rfc3339_utc(started),
+        duration_s: duration.as_secs_f64(),
+        resumed,
+        inputs: job.inputs.clone(),
+        log: Some(log_id.clone()),
+        machine: MachineInfo::current(),
+        git_rev: git_rev(),
+    }
+    .write(out.run_dir())?;
     let object = store
         .publish(out)
         .with_context(|| format!("publishing the output of stage {}", stage.name))?;
@@ -1099,6 +1196,21 @@ fn run_stage(
         duration,
         detail: resumed.then(|| "resumed from work dir".to_string()),
     })
+}
+
+/// Copies the regular files of `src` (recursively) into `dst`.
+fn copy_files(src: &std::path::Path, dst: &std::path::Path) -> Result<()> {
+    for entry in std::fs::read_dir(src).with_context(|| format!("listing {}", src.display()))? {
+        let entry = entry.with_context(|| format!("listing {}", src.display()))?;
+        let (from, to) = (entry.path(), dst.join(entry.file_name()));
+        if from.is_dir() {
+            copy_files(&from, &to)?;
+        } else if from.is_file() {
+            std::fs::create_dir_all(dst).with_context(|| format!("creating {}", dst.display()))?;
+            std::fs::copy(&from, &to).with_context(|| format!("copying {}", from.display()))?;
+        }
+    }
+    Ok(())
 }
 
 fn log_tail(path: &PathBuf, lines: usize) -> String {

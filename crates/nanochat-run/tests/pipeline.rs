@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use nanochat_artifacts::{ArtifactStore, ObjectId, VerifyMode};
+use nanochat_artifacts::{ArtifactStore, ObjectId, ProducerRecord, VerifyMode};
+
+mod common;
 
 /// The `toy_stage` example binary, built by `cargo test` next to the test executables.
 fn toy_stage() -> PathBuf {
@@ -59,19 +61,10 @@ impl Env {
         c
     }
     fn run(&self, args: &[&str]) -> Output {
-        let out = self.cmd(args).output().unwrap();
-        eprintln!(
-            "$ nanochat-run {}\n{}{}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out
+        common::run(self.cmd(args), args)
     }
     fn run_ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(out.status.success(), "nanochat-run {args:?} failed");
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        common::run_ok(self.cmd(args), args)
     }
     fn spawn(&self, args: &[&str]) -> Child {
         self.cmd(args)
@@ -87,21 +80,7 @@ impl Env {
     }
 }
 
-/// Summary rows: stage -> status.
-fn statuses(stdout: &str) -> Vec<(String, String)> {
-    stdout
-        .lines()
-        .skip_while(|l| !l.starts_with("STAGE"))
-        .skip(1)
-        .map(|l| {
-            let mut it = l.split_whitespace();
-            (
-                it.next().unwrap().to_string(),
-                it.next().unwrap().to_string(),
-            )
-        })
-        .collect()
-}
+use common::statuses;
 
 fn status_of(stdout: &str, stage: &str) -> String {
     statuses(stdout)
@@ -192,6 +171,66 @@ fn second_run_does_nothing_and_a_config_change_reruns_only_dependents() {
     assert!(st.contains("config changed: text"), "{st}");
 }
 
+/// The run dir holds what differs between runs: a forced rerun of a deterministic stage
+/// publishes the same object, keeps its first producer's run dir, and leaves downstream cached;
+/// the rerun's own telemetry is in its log object.
+#[test]
+fn telemetry_lives_beside_the_object_so_a_forced_rerun_keeps_the_id() {
+    let env = Env::new();
+    env.write_pipeline("diamond.yaml", DIAMOND);
+    env.run_ok(&["diamond"]);
+    let store = env.store();
+    let a = store.resolve_ref("latest/a").unwrap();
+    let run = store.object_run_dir(&a);
+    let record = ProducerRecord::read(&run)
+        .unwrap()
+        .expect("record.json beside a");
+    assert_eq!(
+        (record.pipeline.as_str(), record.stage.as_str()),
+        ("diamond", "a")
+    );
+    assert!(!record.resumed);
+    let first_log = store.resolve_ref("logs/diamond/a").unwrap();
+    assert_eq!(record.log.as_ref(), Some(&first_log));
+    let telemetry = fs::read_to_string(run.join("telemetry.json")).unwrap();
+    assert!(telemetry.contains("pid"), "{telemetry}");
+    assert!(
+        !store
+            .manifest(&a)
+            .unwrap()
+            .files
+            .iter()
+            .any(|f| f.path.contains("telemetry")),
+        "telemetry must stay out of the hash"
+    );
+
+    let dry = env.run_ok(&["diamond", "--force", "a", "--dry-run"]);
+    assert!(dry.contains("--force a"), "{dry}");
+    let out = env.run_ok(&["diamond", "--force", "a"]);
+    assert_eq!(status_of(&out, "a"), "ran", "{out}");
+    for downstream in ["b", "c"] {
+        assert_eq!(status_of(&out, downstream), "cached", "{out}");
+    }
+    assert_eq!(
+        store.resolve_ref("latest/a").unwrap(),
+        a,
+        "same result, same id"
+    );
+    assert_eq!(
+        fs::read_to_string(run.join("telemetry.json")).unwrap(),
+        telemetry,
+        "the object keeps its first producer's run dir"
+    );
+    let rerun_log = store.resolve_ref("logs/diamond/a").unwrap();
+    assert_ne!(rerun_log, first_log);
+    let rerun_telemetry =
+        fs::read_to_string(store.object_data(&rerun_log).join("run/telemetry.json")).unwrap();
+    assert_ne!(
+        rerun_telemetry, telemetry,
+        "each run's own telemetry is in its log"
+    );
+}
+
 #[test]
 fn only_from_force_and_keep_going() {
     let env = Env::new();
@@ -204,6 +243,12 @@ fn only_from_force_and_keep_going() {
     assert!(stdout.contains("not selected"), "{stdout}");
 
     env.run_ok(&["diamond"]);
+    let dry = env.run_ok(&["diamond", "--only", "b", "--dry-run"]);
+    assert!(
+        dry.contains("--only b: rerun on its cached inputs"),
+        "{dry}"
+    );
+    assert!(!dry.contains("forced"), "--only says only: {dry}");
     let out = env.run_ok(&["diamond", "--only", "b"]);
     assert_eq!(status_of(&out, "b"), "ran");
     assert_eq!(status_of(&out, "a"), "cached");

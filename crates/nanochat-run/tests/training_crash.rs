@@ -1,7 +1,8 @@
 //! SIGKILL of the real pretraining process under the orchestrator: `nanochat-run` runs
 //! data → tokenizer → pretrain (real stage binaries, not the toy stage); the test kills the
 //! `nanochat-pretrain` child with SIGKILL right after its first periodic checkpoint, reruns
-//! `nanochat-run`, and checks that the published weights are byte-identical to those of an
+//! `nanochat-run`, and checks that the resumed run publishes the same pretrain object (same id:
+//! weights, metrics and summary byte-identical; telemetry lives outside the hash) as an
 //! uninterrupted run (same thread count).
 //!
 //! Needs the sibling stage binaries built next to `nanochat-run` (`cargo test --workspace`
@@ -97,6 +98,11 @@ fn show(out: &Output) -> String {
     )
 }
 
+fn published_id(root: &Path) -> nanochat_artifacts::ObjectId {
+    let store = ArtifactStore::open(root.join("artifacts")).unwrap();
+    store.resolve_ref("latest/pretrain").unwrap()
+}
+
 fn published_weights(root: &Path) -> Vec<u8> {
     let store = ArtifactStore::open(root.join("artifacts")).unwrap();
     let id = store.resolve_ref("latest/pretrain").unwrap();
@@ -153,6 +159,7 @@ fn sigkill_of_pretrain_under_nanochat_run_then_rerun_gives_identical_weights() {
     let out = nanochat_run(clean.path()).output().unwrap();
     assert!(out.status.success(), "{}", show(&out));
     let expected = published_weights(clean.path());
+    let expected_id = published_id(clean.path());
 
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
@@ -213,4 +220,18 @@ fn sigkill_of_pretrain_under_nanochat_run_then_rerun_gives_identical_weights() {
         published_weights(root) == expected,
         "weights after SIGKILL + rerun differ from the uninterrupted run"
     );
+    let id = published_id(root);
+    if id != expected_id {
+        let files = |r: &Path, id: &nanochat_artifacts::ObjectId| {
+            let store = ArtifactStore::open(r.join("artifacts")).unwrap();
+            store.manifest(id).unwrap().files
+        };
+        let (a, b) = (files(clean.path(), &expected_id), files(root, &id));
+        let differ: Vec<&str> = b
+            .iter()
+            .filter(|f| !a.contains(f))
+            .map(|f| f.path.as_str())
+            .collect();
+        panic!("the resumed pretrain object differs from the uninterrupted one in {differ:?}");
+    }
 }

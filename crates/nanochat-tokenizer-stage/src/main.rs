@@ -4,7 +4,8 @@
 //!
 //! Trains a nanochat BPE tokenizer on the corpus shards (`*.jsonl`, `*.jsonl.gz`, `*.txt`, in
 //! name order) and writes `tokenizer.tiktoken`, `tokenizer.json`, `train_report.json` and
-//! `tok_eval.json` (+ `tok_eval.md`) into `--out`. Baseline vocabularies for the evaluation
+//! `tok_eval.json` (+ `tok_eval.md`) into `--out`; the training time goes to the run dir
+//! (`telemetry.json`). Baseline vocabularies for the evaluation
 //! (`r50k_base.tiktoken[.gz]`, `cl100k_base.tiktoken[.gz]`) come from the optional `baselines`
 //! input or the `baselines_dir` config key.
 
@@ -276,7 +277,6 @@ fn run(ctx: &StageContext) -> Result<()> {
     let report = serde_json::json!({
         "options": opts,
         "stats": stats,
-        "train_seconds": train_seconds,
         "vocab_size": tok.vocab_size(),
         "num_special_tokens": tok.specials().len(),
         "token_bytes_min": nonzero.iter().cloned().fold(f64::INFINITY, f64::min),
@@ -287,6 +287,12 @@ fn run(ctx: &StageContext) -> Result<()> {
     stage::write_atomic(
         &out.join("train_report.json"),
         serde_json::to_string_pretty(&report)?.as_bytes(),
+    )?;
+    // The duration differs on every run: it goes to the run dir, not into the artifact.
+    ctx.write_run_file(
+        "telemetry.json",
+        serde_json::to_string_pretty(&serde_json::json!({ "train_seconds": train_seconds }))?
+            .as_bytes(),
     )?;
 
     // Compression report.

@@ -115,10 +115,29 @@ pub fn evaluate(
 }
 
 impl EvalReport {
-    /// Markdown tables comparing `ours` with each other tokenizer, like nanochat's report:
-    /// relative difference = (baseline tokens - our tokens) / baseline tokens.
+    /// Markdown: `ours`' compression of every text, then a table comparing it with each
+    /// other tokenizer, like nanochat's report: relative difference = (baseline tokens - our
+    /// tokens) / baseline tokens.
     pub fn markdown(&self, ours: &str) -> String {
-        let mut out = String::new();
+        let mut out = format!(
+            "### Compression ({ours}, {} tokens)\n\n| Text Type | Bytes | Tokens | Bytes per token |\n|---|---:|---:|---:|\n",
+            self.vocab_sizes.get(ours).copied().unwrap_or(0)
+        );
+        for row in &self.rows {
+            if let Some(o) = row.results.get(ours) {
+                out.push_str(&format!(
+                    "| {} | {} | {} | {:.2} |\n",
+                    row.name, row.bytes, o.tokens, o.ratio
+                ));
+            }
+        }
+        out.push('\n');
+        if self.vocab_sizes.len() < 2 {
+            out.push_str(
+                "No baseline vocabularies given (the tokenizer stage's `baselines` input or \
+                 `baselines_dir`), so no comparison with GPT-2 / GPT-4.\n\n",
+            );
+        }
         for baseline in self.vocab_sizes.keys().filter(|k| k.as_str() != ours) {
             out.push_str(&format!("### Comparison with {baseline}\n\n"));
             out.push_str(&format!(
@@ -151,4 +170,31 @@ pub fn builtin_texts() -> Vec<(String, String)> {
         .iter()
         .map(|(n, t)| (n.to_string(), t.to_string()))
         .collect()
+}
+
+#[cfg(test)]
+mod markdown_tests {
+    use super::*;
+
+    #[test]
+    fn markdown_shows_our_compression_even_without_baselines() {
+        let report = EvalReport {
+            vocab_sizes: BTreeMap::from([("ours".to_string(), 300)]),
+            rows: vec![EvalRow {
+                name: "news".into(),
+                bytes: 100,
+                results: BTreeMap::from([(
+                    "ours".to_string(),
+                    Compression {
+                        tokens: 40,
+                        ratio: 2.5,
+                    },
+                )]),
+            }],
+        };
+        let md = report.markdown("ours");
+        assert!(md.contains("| news | 100 | 40 | 2.50 |"), "{md}");
+        assert!(md.contains("No baseline vocabularies"), "{md}");
+        assert!(!md.contains("Comparison with"), "{md}");
+    }
 }

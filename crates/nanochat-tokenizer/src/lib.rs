@@ -79,6 +79,9 @@ pub enum Error {
     /// Bad training settings or input.
     #[error("tokenizer training: {0}")]
     Train(String),
+    /// Writing a file durably failed (the path is in the message).
+    #[error(transparent)]
+    Write(#[from] nanochat_artifacts::Error),
 }
 
 impl Error {

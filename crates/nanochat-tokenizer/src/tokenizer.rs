@@ -1,8 +1,8 @@
 //! The `Tokenizer`: mergeable ranks + split pattern + special tokens, with encode/decode and the
 //! on-disk format (`tokenizer.tiktoken` + `tokenizer.json`).
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::path::{Path, PathBuf};
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
@@ -321,7 +321,7 @@ impl Tokenizer {
             ranks_text.push_str(&id.to_string());
             ranks_text.push('\n');
         }
-        write_atomic(&dir.join(RANKS_FILE), ranks_text.as_bytes())?;
+        nanochat_artifacts::write_atomic(&dir.join(RANKS_FILE), ranks_text.as_bytes())?;
         let sidecar = Sidecar {
             format: SIDECAR_FORMAT.to_string(),
             name: self.name.clone(),
@@ -341,7 +341,10 @@ impl Tokenizer {
             path: dir.join(SIDECAR_FILE),
             source: e,
         })?;
-        write_atomic(&dir.join(SIDECAR_FILE), &json)
+        Ok(nanochat_artifacts::write_atomic(
+            &dir.join(SIDECAR_FILE),
+            &json,
+        )?)
     }
 
     /// Name of the tokenizer (e.g. `cl100k_base`, or what training called it).
@@ -533,25 +536,4 @@ pub fn parse_tiktoken(reader: impl BufRead, origin: &Path) -> Result<Vec<(Vec<u8
         ranks.push((bytes, rank));
     }
     Ok(ranks)
-}
-
-/// Writes `data` to `path` via a temporary file in the same directory and a rename.
-pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> Result<(), Error> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp: PathBuf = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(data)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(Error::io(path, e));
-    }
-    Ok(())
 }

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use nanochat_artifacts::layout::resolve_model;
 use nanochat_artifacts::stage::{self, StageContext};
 use nanochat_data::chat_batches::{PaddedBatches, StreamBatches, TaskCursor};
 use nanochat_data::tasks::{Task, TaskMixture, TaskSpec};
@@ -82,11 +83,12 @@ pub fn run_chat_stage(kind: ChatStageKind, ctx: &StageContext) -> Result<i32, Tr
             .map_err(|e| TrainError::Config(e.to_string()))
     };
     let tok_dir = input("tokenizer")?;
+    let location = resolve_model(&input("model")?, Some(&tok_dir), None)?;
     let tokenizer = Arc::new(
-        Tokenizer::load(&tok_dir)
-            .map_err(|e| TrainError::Config(format!("{}: {e}", tok_dir.display())))?,
+        Tokenizer::load(&location.tokenizer)
+            .map_err(|e| TrainError::Config(format!("{}: {e}", location.tokenizer.display())))?,
     );
-    let (model, parent) = load_checkpoint(&input("model")?.join("model"))?;
+    let (model, parent) = load_checkpoint(&location.checkpoint)?;
     // A data-stage artifact holds `chat/`; a plain directory of task files works too.
     let mut chat = input("chat")?;
     if chat.join("chat").is_dir() {
@@ -147,6 +149,7 @@ pub fn run_chat_stage(kind: ChatStageKind, ctx: &StageContext) -> Result<i32, Tr
         dirs: RunDirs {
             work: ctx.work_dir().to_path_buf(),
             out: ctx.out_dir().to_path_buf(),
+            run: ctx.run_dir().map(std::path::Path::to_path_buf),
         },
         meta,
         interrupted: &stage::interrupted,

@@ -52,4 +52,7 @@ pub enum TrainError {
     /// Saving or loading the tokenizer failed.
     #[error(transparent)]
     Tokenizer(#[from] nanochat_tokenizer::Error),
+    /// Writing a file durably failed, or an input artifact is not what the stage needs.
+    #[error(transparent)]
+    Store(#[from] nanochat_artifacts::Error),
 }

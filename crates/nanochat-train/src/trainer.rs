@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use crate::optim::{muon_momentum_at, NanochatOptimizer, OptimizerMeta, OptimizerSettings};
 use crate::schedule::LrSchedule;
 use crate::TrainError;
+use nanochat_artifacts::write_atomic;
 
 /// Anything that yields training batches.
 pub trait BatchSource: Send {
@@ -280,7 +281,8 @@ pub enum Outcome {
     },
 }
 
-/// One metrics line (`metrics.jsonl`).
+/// One metrics line (`metrics.jsonl`, in the stage output): results only, so a deterministic
+/// rerun writes the same bytes. Timings go to [`TimingLine`]s in the run directory.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MetricsLine {
     /// Optimizer step just completed.
@@ -294,15 +296,23 @@ pub struct MetricsLine {
     /// Global gradient norm (before clipping).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grad_norm: Option<f64>,
-    /// Training throughput.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tok_per_s: Option<f64>,
-    /// Model FLOPs utilisation (when `peak_flops` is set).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub mfu: Option<f64>,
     /// Validation bits per byte.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub val_bpb: Option<f64>,
+}
+
+/// One training step's timing (`timing.jsonl`, in the run directory: it differs every run).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TimingLine {
+    /// Optimizer step just completed.
+    pub step: u64,
+    /// Wall-clock seconds of the step.
+    pub seconds: f64,
+    /// Training throughput.
+    pub tok_per_s: f64,
+    /// Model FLOPs utilisation (when `peak_flops` is set).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mfu: Option<f64>,
 }
 
 /// Where a run keeps its files.
@@ -311,14 +321,18 @@ pub struct RunDirs {
     /// Persistent per-stage dir for checkpoints and metrics in progress.
     pub work: PathBuf,
     /// Output dir: `model/` (checkpoint), `tokenizer/` (the tokenizer it was trained with),
-    /// `metrics.jsonl`, `summary.json`.
+    /// `metrics.jsonl`, `summary.json` — results only.
     pub out: PathBuf,
+    /// Run dir for telemetry (`timing.jsonl`, `telemetry.json`), when there is one
+    /// ([`nanochat_artifacts::stage::StageContext::run_dir`]).
+    pub run: Option<PathBuf>,
 }
 
 const CKPT_PREFIX: &str = "ckpt-";
 const STATE_FILE: &str = "train_state.json";
 const OPTIM_FILE: &str = "optim.safetensors";
 const METRICS_FILE: &str = "metrics.jsonl";
+const TIMING_FILE: &str = "timing.jsonl";
 /// Sub-directory of a stage output holding the tokenizer the model was trained with.
 pub const TOKENIZER_DIR: &str = "tokenizer";
 
@@ -329,13 +343,68 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
     }
 }
 
-/// Writes `bytes` to `path` durably (temp file + fsync + rename).
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-    f.write_all(bytes).map_err(io(&tmp))?;
-    f.sync_all().map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))
+/// The lines of a JSONL log a resumed run keeps: those the checkpoint at `step` covers. A
+/// training step's line is written before the checkpoint of that step, a validation line of
+/// step N after it (at the top of the next iteration), so the validation line of `step`
+/// itself is redone by the resumed run and dropped here.
+fn lines_covered_by_checkpoint(text: &str, step: u64) -> String {
+    let mut kept = String::new();
+    for line in text.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let Some(s) = v.get("step").and_then(serde_json::Value::as_u64) else {
+            continue;
+        };
+        let validation = v.get("val_bpb").is_some();
+        if s < step || (s == step && !validation) {
+            kept.push_str(line);
+            kept.push('\n');
+        }
+    }
+    kept
+}
+
+/// Rewrites a JSONL log to the lines the checkpoint at `step` covers and opens it to append.
+fn reopen_log_at(path: &Path, step: u64) -> Result<std::fs::File, TrainError> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    write_atomic(path, lines_covered_by_checkpoint(&text, step).as_bytes())?;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(path)
+        .map_err(io(path))
+}
+
+/// The run directory's files: per-step timings and a summary of them (what the report shows
+/// as "for how long, how fast, on how many threads").
+fn write_telemetry(
+    run: &Path,
+    timing_path: &Path,
+    state: &TrainState,
+    cfg: &LoopConfig,
+) -> Result<(), TrainError> {
+    let timings = std::fs::read(timing_path).map_err(io(timing_path))?;
+    write_atomic(&run.join(TIMING_FILE), &timings)?;
+    let rates: Vec<f64> = std::str::from_utf8(&timings)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<TimingLine>(l).ok())
+        .map(|t| t.tok_per_s)
+        .collect();
+    let telemetry = serde_json::json!({
+        "train_seconds": state.train_seconds,
+        "steps": state.step,
+        "mean_tok_per_s": (!rates.is_empty()).then(|| rates.iter().sum::<f64>() / rates.len() as f64),
+        "threads": rayon::current_num_threads(),
+        "matmul_precision": cfg.matmul_precision,
+    });
+    write_atomic(
+        &run.join("telemetry.json"),
+        serde_json::to_string_pretty(&telemetry)
+            .map_err(|e| TrainError::Config(e.to_string()))?
+            .as_bytes(),
+    )?;
+    Ok(())
 }
 
 fn f32_bytes(v: &[f32]) -> Vec<u8> {
@@ -644,27 +713,19 @@ pub fn train<B: Backend>(
         restore_optimizer(&mut opt, &meta, bytes, origin)?;
     }
 
-    // Metrics: keep only lines up to the resumed step so a resumed run's file matches.
+    // Metrics and timings: keep only what the checkpoint covers, so a resumed run's files
+    // match an uninterrupted run's.
     let metrics_path = job.dirs.work.join(METRICS_FILE);
-    let mut kept = String::new();
-    if let Ok(text) = std::fs::read_to_string(&metrics_path) {
-        for line in text.lines() {
-            if let Ok(m) = serde_json::from_str::<MetricsLine>(line) {
-                if m.step <= state.step {
-                    kept.push_str(line);
-                    kept.push('\n');
-                }
-            }
-        }
-    }
-    write_atomic(&metrics_path, kept.as_bytes())?;
-    let mut metrics = std::fs::OpenOptions::new()
-        .append(true)
-        .open(&metrics_path)
-        .map_err(io(&metrics_path))?;
+    let timing_path = job.dirs.work.join(TIMING_FILE);
+    let mut metrics = reopen_log_at(&metrics_path, state.step)?;
+    let mut timings = reopen_log_at(&timing_path, state.step)?;
     let mut log = |m: &MetricsLine| -> Result<(), TrainError> {
         let line = serde_json::to_string(m).map_err(|e| TrainError::Config(e.to_string()))?;
         writeln!(metrics, "{line}").map_err(io(&metrics_path))
+    };
+    let mut log_timing = |t: &TimingLine| -> Result<(), TrainError> {
+        let line = serde_json::to_string(t).map_err(|e| TrainError::Config(e.to_string()))?;
+        writeln!(timings, "{line}").map_err(io(&timing_path))
     };
 
     let schedule = LrSchedule {
@@ -720,8 +781,6 @@ pub fn train<B: Backend>(
                 loss: None,
                 lr_mult: None,
                 grad_norm: None,
-                tok_per_s: None,
-                mfu: None,
                 val_bpb: Some(bpb),
             })?;
         }
@@ -797,9 +856,13 @@ pub fn train<B: Backend>(
                 loss: Some(loss),
                 lr_mult: Some(lrm),
                 grad_norm: Some(norm),
-                tok_per_s: Some(tok_per_s),
-                mfu,
                 val_bpb: None,
+            })?;
+            log_timing(&TimingLine {
+                step: state.step,
+                seconds: dt,
+                tok_per_s,
+                mfu,
             })?;
         }
         if cfg.save_every > 0 && state.step % cfg.save_every == 0 && state.step < cfg.num_iterations
@@ -824,8 +887,6 @@ pub fn train<B: Backend>(
         loss: None,
         lr_mult: None,
         grad_norm: None,
-        tok_per_s: None,
-        mfu: None,
         val_bpb: Some(bpb),
     })?;
     sample(&model, state.step)?;
@@ -844,7 +905,6 @@ pub fn train<B: Backend>(
         "train_loss": meta.loss,
         "val_bpb": last_val,
         "min_val_bpb": state.min_val_bpb,
-        "train_seconds": state.train_seconds,
         "config": cfg,
     });
     write_atomic(
@@ -853,8 +913,33 @@ pub fn train<B: Backend>(
             .map_err(|e| TrainError::Config(e.to_string()))?
             .as_bytes(),
     )?;
+    if let Some(run) = &job.dirs.run {
+        write_telemetry(run, &timing_path, &state, cfg)?;
+    }
     Ok(Outcome::Finished {
         val_bpb: last_val,
         train_loss: meta.loss.unwrap_or(f64::NAN),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lines_covered_by_checkpoint;
+
+    #[test]
+    fn a_resumed_log_keeps_what_the_checkpoint_covers_and_redoes_its_validation() {
+        let log = "{\"step\":0,\"val_bpb\":4.0}\n\
+                   {\"step\":1,\"loss\":7.5}\n\
+                   {\"step\":2,\"loss\":7.0}\n\
+                   {\"step\":2,\"val_bpb\":3.9}\n\
+                   {\"step\":3,\"loss\":6.5}\n\
+                   torn line\n";
+        // Checkpoint at step 2: its training line stays, its validation (logged after the
+        // checkpoint) and everything later go.
+        assert_eq!(
+            lines_covered_by_checkpoint(log, 2),
+            "{\"step\":0,\"val_bpb\":4.0}\n{\"step\":1,\"loss\":7.5}\n{\"step\":2,\"loss\":7.0}\n"
+        );
+        assert_eq!(lines_covered_by_checkpoint(log, 0), "");
+    }
 }

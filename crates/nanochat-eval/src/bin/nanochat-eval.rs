@@ -2,14 +2,16 @@
 //!
 //! `nanochat-eval --config eval.toml --input model=DIR [--input tokenizer=DIR] --out DIR --work DIR`
 //!
-//! `model` is a checkpoint artifact (`model.safetensors`, `config.json`, `meta.json`, at its root
-//! or in a subdirectory); the tokenizer comes from the `tokenizer` input or from the model
-//! artifact. The config is [`nanochat_eval::stage::EvalConfig`] (see docs/eval.md).
+//! `model` is a model artifact (docs/artifacts.md, "Artifact layout": `model/` + `tokenizer/`,
+//! or a checkpoint directory); the tokenizer comes from the `tokenizer` input or from the model
+//! artifact. The config is [`nanochat_eval::stage::EvalConfig`] (see docs/eval.md). Wall times
+//! go to the run directory (`timing.json`), not the artifact.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
+use nanochat_artifacts::layout::resolve_model;
 use nanochat_artifacts::stage::{self, StageContext};
 use nanochat_eval::adapters::EngineGenerator;
 use nanochat_eval::stage::{
@@ -17,30 +19,6 @@ use nanochat_eval::stage::{
 };
 use nanochat_eval::Generator;
 use nanochat_tokenizer::Tokenizer;
-
-/// The directory holding `file` among `root` and its subdirectories (two levels).
-fn find_dir_with(root: &Path, file: &str) -> Option<PathBuf> {
-    if root.join(file).is_file() {
-        return Some(root.to_path_buf());
-    }
-    let mut subdirs: Vec<PathBuf> = std::fs::read_dir(root)
-        .ok()?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_dir())
-        .collect();
-    subdirs.sort();
-    for d in &subdirs {
-        if d.join(file).is_file() {
-            return Some(d.clone());
-        }
-    }
-    for d in &subdirs {
-        if let Some(found) = find_dir_with(d, file).filter(|f| f != d) {
-            return Some(found);
-        }
-    }
-    None
-}
 
 /// Dataset names mentioned in the model artifact's small config/metadata files, so that the
 /// GSM8K overlap rule can tell whether `gsm_symbolic_train` was used.
@@ -129,25 +107,13 @@ fn main() {
 fn run(ctx: &StageContext) -> anyhow::Result<()> {
     let cfg: EvalConfig = ctx.config()?;
     let model_root = ctx.input("model")?;
-    let ckpt_dir = find_dir_with(model_root, nanochat_model::checkpoint::WEIGHTS_FILE)
-        .with_context(|| {
-            format!(
-                "input model={}: no {} in it or its subdirectories",
-                model_root.display(),
-                nanochat_model::checkpoint::WEIGHTS_FILE
-            )
-        })?;
-    let tok_root = ctx
-        .inputs()
-        .get("tokenizer")
-        .cloned()
-        .unwrap_or_else(|| model_root.to_path_buf());
-    let tok_dir = find_dir_with(&tok_root, "tokenizer.tiktoken").with_context(|| {
-        format!(
-            "no tokenizer.tiktoken in {} (pass --input tokenizer=DIR)",
-            tok_root.display()
-        )
-    })?;
+    let location = resolve_model(
+        model_root,
+        ctx.inputs().get("tokenizer").map(PathBuf::as_path),
+        None,
+    )
+    .context("input model (or pass --input tokenizer=DIR)")?;
+    let (ckpt_dir, tok_dir) = (location.checkpoint, location.tokenizer);
     let tokenizer = Arc::new(
         Tokenizer::load(&tok_dir)
             .with_context(|| format!("loading tokenizer from {}", tok_dir.display()))?,
@@ -162,13 +128,10 @@ fn run(ctx: &StageContext) -> anyhow::Result<()> {
             c.vocab_size
         );
     }
+    // No absolute path here: the artifact must not depend on where the store lives.
     let description = format!(
-        "{} (step {}, depth {}, d_model {}, context {})",
-        ckpt_dir.display(),
-        meta.step,
-        c.n_layer,
-        c.n_embd,
-        c.sequence_len
+        "step {}, depth {}, d_model {}, context {}",
+        meta.step, c.n_layer, c.n_embd, c.sequence_len
     );
     let trained_on = training_data_mentions(&[model_root, &ckpt_dir]);
     let fingerprint = model_fingerprint(&ckpt_dir, &tok_dir)?;
@@ -192,6 +155,10 @@ fn run(ctx: &StageContext) -> anyhow::Result<()> {
         interrupted: &interrupted,
     };
     let metrics = run_eval_resumable(&cfg, &inputs, ctx.out_dir(), Some(ctx.work_dir()))?;
+    ctx.write_run_file(
+        "timing.json",
+        serde_json::to_string_pretty(&metrics.timing())?.as_bytes(),
+    )?;
     eprintln!("{}", summary_markdown(&metrics));
     Ok(())
 }

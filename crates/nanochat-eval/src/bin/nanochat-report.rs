@@ -18,7 +18,7 @@ struct Cli {
     /// Compare two report.json files (or directories holding one) instead of building a report.
     #[arg(long, num_args = 2, value_names = ["A", "B"])]
     compare: Option<Vec<PathBuf>>,
-    /// Stage config (TOML): optional `title`.
+    /// Stage config (TOML): optional `title`, `sections` (input names in display order).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Input artifact as NAME=DIR (repeatable); sections appear in this order.
@@ -37,6 +37,10 @@ struct Cli {
 struct ReportConfig {
     #[serde(default)]
     title: Option<String>,
+    /// Section order by input name (nanochat-run passes inputs sorted by name); inputs not
+    /// listed follow in the order given.
+    #[serde(default)]
+    sections: Vec<String>,
 }
 
 fn report_path(p: &std::path::Path) -> PathBuf {
@@ -87,6 +91,24 @@ fn main() -> anyhow::Result<()> {
         std::fs::create_dir_all(w).with_context(|| format!("creating {}", w.display()))?;
     }
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    for name in &cfg.sections {
+        if !inputs.iter().any(|(n, _)| n == name) {
+            bail!(
+                "report config: sections names {name:?}, which is not an input (inputs: {})",
+                inputs
+                    .iter()
+                    .map(|(n, _)| n.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+    }
+    inputs.sort_by_key(|(n, _)| {
+        cfg.sections
+            .iter()
+            .position(|s| s == n)
+            .unwrap_or(cfg.sections.len())
+    });
     let title = cfg
         .title
         .unwrap_or_else(|| "nanochat-rs report card".into());

@@ -375,7 +375,9 @@ pub struct ChatScore {
     pub accuracy: f64,
     /// `(accuracy - baseline) / (1 - baseline)`.
     pub centered: f64,
-    /// Wall time in seconds.
+    /// Wall time in seconds: telemetry, so not serialized into the artifact (the stage
+    /// writes it to the run directory).
+    #[serde(default, skip_serializing)]
     pub seconds: f64,
 }
 

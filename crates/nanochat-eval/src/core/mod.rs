@@ -127,7 +127,9 @@ pub struct TaskScore {
     pub accuracy: f64,
     /// `(accuracy - b) / (1 - b)` with `b = random_baseline / 100`.
     pub centered: f64,
-    /// Wall time of the task in seconds.
+    /// Wall time of the task in seconds: telemetry, so not serialized into the artifact (the
+    /// stage writes it to the run directory).
+    #[serde(default, skip_serializing)]
     pub seconds: f64,
     /// Caveat (e.g. partial data) to print next to the score.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -1,12 +1,19 @@
-//! The report card: system info, every stage's metrics and timing, training curves as SVG, and
-//! the summary table (CORE, ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval, ChatCORE ×
-//! BASE/MID/SFT), written as markdown and JSON; plus the side-by-side comparison of two cards.
+//! The report card: a page a person reads. The summary table first (CORE, ARC-Easy,
+//! ARC-Challenge, MMLU, GSM8K, HumanEval, ChatCORE × BASE/MID/SFT, as nanochat's), then one
+//! short section per input stage (what it trained on, for how long, on which machine, its
+//! final loss / bits per byte, its curves as SVG images), then per-task tables. Every raw
+//! number stays in `report.json`; plus the side-by-side comparison of two cards.
 //!
-//! Inputs are artifact directories. From each the report reads `metrics.json` (any JSON object;
-//! nested objects are flattened to dotted keys) and every top-level `*.jsonl` whose records have
-//! a numeric `step` (training logs): each numeric field that looks like a loss, a learning rate or
-//! bits per byte becomes a curve. Evaluation artifacts (`metrics.json` with `"kind": "eval"`)
-//! fill the summary table in the column named by their `label`.
+//! Inputs are artifact directories. From each the report reads its results — `metrics.json`
+//! (an eval; any JSON object works), `summary.json` (a training stage, or the data stage's
+//! file counts), `train_report.json` + `tok_eval.md` (the tokenizer) — and every top-level
+//! `*.jsonl` whose records have a numeric `step` (training logs): each numeric field that looks
+//! like a loss, a learning rate or bits per byte becomes a curve. Durations, throughput and
+//! machines come from the input's run directory beside its `data/` (docs/artifacts.md, "Run
+//! directories"), which is fixed once the object is published: the card is a function of its
+//! inputs' ids, so a rerun on the same inputs writes the same bytes. Evaluation artifacts
+//! (`metrics.json` with `"kind": "eval"`) fill the summary table in the column named by their
+//! `label`.
 
 pub mod plot;
 
@@ -16,8 +23,9 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::jsonl::{read_jsonl, write_atomic};
+use crate::jsonl::read_jsonl;
 use crate::{EvalError, Result};
+use nanochat_artifacts::write_atomic;
 
 /// The summary table's rows, in order.
 pub const SUMMARY_METRICS: [&str; 7] = [
@@ -33,88 +41,43 @@ pub const SUMMARY_METRICS: [&str; 7] = [
 /// The summary table's default columns.
 pub const SUMMARY_COLUMNS: [&str; 3] = ["BASE", "MID", "SFT"];
 
-/// Machine the report was generated on.
+/// How one input stage ran, from its run directory (`record.json` written by nanochat-run,
+/// `telemetry.json` / `timing.json` written by the stage). Every field is optional: an input
+/// that is not a store object has none of them.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct SystemInfo {
+pub struct RunInfo {
+    /// Start of the run that produced the object, RFC 3339 UTC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started: Option<String>,
+    /// Wall-clock seconds of that run (the training loop's own time when the stage says).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seconds: Option<f64>,
     /// Host name.
-    pub hostname: String,
-    /// `linux-x86_64` etc.
-    pub platform: String,
-    /// CPU model name.
-    pub cpu: String,
-    /// Logical CPUs available.
-    pub cpus: usize,
-    /// Total memory in GiB.
-    pub memory_gib: f64,
-    /// Git commit of the working directory, when available.
-    pub git_commit: Option<String>,
-    /// Version of this crate.
-    pub nanochat_version: String,
-    /// UTC timestamp `YYYY-MM-DD HH:MM:SS`.
-    pub generated_utc: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// The device: CPU model and logical CPUs, threads used, matmul precision (what is known).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// Mean training throughput, tokens per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tok_per_s: Option<f64>,
+    /// Whether the run resumed from an interrupted one.
+    #[serde(default)]
+    pub resumed: bool,
+    /// The run's inputs: name -> object id.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub inputs: BTreeMap<String, String>,
 }
 
-/// Collect [`SystemInfo`] from /proc and the environment (best effort).
-pub fn system_info() -> SystemInfo {
-    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
-    let cpu = read("/proc/cpuinfo")
-        .lines()
-        .find(|l| l.starts_with("model name"))
-        .and_then(|l| l.split(':').nth(1))
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|| "unknown".into());
-    let memory_gib = read("/proc/meminfo")
-        .lines()
-        .find(|l| l.starts_with("MemTotal:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map(|kb| kb / (1024.0 * 1024.0))
-        .unwrap_or(0.0);
-    let git_commit = std::process::Command::new("git")
-        .args(["rev-parse", "--short", "HEAD"])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
-    SystemInfo {
-        hostname: read("/proc/sys/kernel/hostname").trim().to_string(),
-        platform: format!("{}-{}", std::env::consts::OS, std::env::consts::ARCH),
-        cpu,
-        cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
-        memory_gib,
-        git_commit,
-        nanochat_version: env!("CARGO_PKG_VERSION").to_string(),
-        generated_utc: utc_now(),
-    }
-}
-
-/// Current UTC time as `YYYY-MM-DD HH:MM:SS` (civil-from-days, no time-zone database needed).
-pub fn utc_now() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs()) as i64;
-    format_utc(secs)
-}
-
-/// Format Unix seconds as `YYYY-MM-DD HH:MM:SS` UTC.
-pub fn format_utc(secs: i64) -> String {
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60
-    )
+/// A small table of a section (per-task scores, compression, data files).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Table {
+    /// Heading above the table.
+    pub title: String,
+    /// Column names; a name ending in `:` is right-aligned (the colon is not shown).
+    pub header: Vec<String>,
+    /// Rows of already formatted cells.
+    pub rows: Vec<Vec<String>>,
 }
 
 /// One input artifact's section of the report.
@@ -122,11 +85,23 @@ pub fn format_utc(secs: i64) -> String {
 pub struct StageSection {
     /// The input's name (e.g. `pretrain`, `base_eval`).
     pub name: String,
-    /// Scalars of its `metrics.json`, flattened to dotted keys (arrays of objects are indexed
-    /// by their `label`/`task`/`name` when they have one).
+    /// `training`, `eval`, `tokenizer`, `data` or `other`.
+    #[serde(default)]
+    pub kind: String,
+    /// Its results, flattened to dotted keys (arrays of objects are indexed by their
+    /// `label`/`task`/`name` when they have one): the raw numbers, in report.json only.
     pub metrics: BTreeMap<String, Value>,
+    /// How it ran (from its run directory).
+    #[serde(default)]
+    pub run: RunInfo,
+    /// The section's sentences: what it trained on, final loss, scores.
+    #[serde(default)]
+    pub facts: Vec<String>,
     /// Relative paths of the SVG curves drawn from its logs.
     pub curves: Vec<String>,
+    /// Per-task and other tables.
+    #[serde(default)]
+    pub tables: Vec<Table>,
 }
 
 /// The whole report card.
@@ -134,8 +109,6 @@ pub struct StageSection {
 pub struct ReportCard {
     /// Title line.
     pub title: String,
-    /// Where it was generated.
-    pub system: SystemInfo,
     /// One section per input, in the order given.
     pub stages: Vec<StageSection>,
     /// Summary table: metric → column → value.
@@ -144,6 +117,9 @@ pub struct ReportCard {
     pub columns: Vec<String>,
     /// Caveats (partial data, missing evals) printed under the table.
     pub notes: Vec<String>,
+    /// Version of nanochat-rs that wrote the card.
+    #[serde(default)]
+    pub nanochat_version: String,
 }
 
 fn flatten(prefix: &str, v: &Value, out: &mut BTreeMap<String, Value>) {
@@ -177,9 +153,14 @@ fn flatten(prefix: &str, v: &Value, out: &mut BTreeMap<String, Value>) {
     }
 }
 
+fn is_lr_field(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    n == "lr" || n.starts_with("lr_") || n.contains("lrm") || n.ends_with("_lr")
+}
+
 fn is_curve_field(name: &str) -> bool {
     let n = name.to_ascii_lowercase();
-    n.contains("loss") || n == "lr" || n.contains("lrm") || n.ends_with("_lr") || n.contains("bpb")
+    n.contains("loss") || is_lr_field(name) || n.contains("bpb")
 }
 
 /// Read the training-log curves of one artifact directory: `field -> (step, value)`.
@@ -243,6 +224,298 @@ pub fn summary_of(metrics: &Value) -> Option<(String, BTreeMap<String, f64>)> {
     Some((label, out))
 }
 
+/// Reads a JSON file when it exists; a file that is not JSON becomes a note.
+fn read_json(path: &Path, name: &str, notes: &mut Vec<String>) -> Result<Option<Value>> {
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| EvalError::io(path, e))?;
+    match serde_json::from_str::<Value>(&text) {
+        Ok(v) => Ok(Some(v)),
+        Err(e) => {
+            let file = path.file_name().unwrap_or_default().to_string_lossy();
+            notes.push(format!("{name}: {file} is not valid JSON ({e}); skipped"));
+            Ok(None)
+        }
+    }
+}
+
+/// Reads a JSON file of a run directory (telemetry: never worth failing the report for).
+fn read_run_json(dir: &Path, file: &str) -> Option<Value> {
+    serde_json::from_slice(&std::fs::read(dir.join(file)).ok()?).ok()
+}
+
+/// [`RunInfo`] from an input's run directory, when it has one.
+pub fn run_info(input_dir: &Path) -> RunInfo {
+    let Some(dir) = nanochat_artifacts::stage::run_dir_of(input_dir) else {
+        return RunInfo::default();
+    };
+    let record = read_run_json(&dir, nanochat_artifacts::RUN_RECORD_FILE).unwrap_or(Value::Null);
+    let telemetry = read_run_json(&dir, "telemetry.json").unwrap_or(Value::Null);
+    let timing = read_run_json(&dir, "timing.json").unwrap_or(Value::Null);
+    let str_at = |v: &Value, p: &str| v.pointer(p).and_then(Value::as_str).map(str::to_string);
+    let f64_at = |v: &Value, p: &str| v.pointer(p).and_then(Value::as_f64);
+    let mut device = Vec::new();
+    if let Some(cpu) = str_at(&record, "/machine/cpu").filter(|c| !c.is_empty()) {
+        match record.pointer("/machine/cpus").and_then(Value::as_u64) {
+            Some(n) => device.push(format!("{cpu} ({n} CPUs)")),
+            None => device.push(cpu),
+        }
+    }
+    if let Some(t) = telemetry.get("threads").and_then(Value::as_u64) {
+        device.push(format!("{t} threads"));
+    }
+    if let Some(p) = str_at(&telemetry, "/matmul_precision") {
+        device.push(format!("{p} matmuls"));
+    }
+    RunInfo {
+        started: str_at(&record, "/started"),
+        // The stage's own measure of its work when it gives one, else the process's.
+        seconds: f64_at(&telemetry, "/train_seconds")
+            .or_else(|| f64_at(&timing, "/seconds"))
+            .or_else(|| f64_at(&record, "/duration_s")),
+        host: str_at(&record, "/machine/host").filter(|h| !h.is_empty()),
+        device: (!device.is_empty()).then(|| device.join(", ")),
+        tok_per_s: f64_at(&telemetry, "/mean_tok_per_s"),
+        resumed: record
+            .get("resumed")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+        inputs: record
+            .get("inputs")
+            .and_then(Value::as_object)
+            .map(|m| {
+                m.iter()
+                    .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                    .collect()
+            })
+            .unwrap_or_default(),
+    }
+}
+
+/// `1 h 02 min`, `3 min 05 s`, `12.3 s`.
+pub fn fmt_duration(seconds: f64) -> String {
+    let s = seconds.max(0.0);
+    if s < 60.0 {
+        return format!("{s:.1} s");
+    }
+    let total = s.round() as u64;
+    let (h, m, sec) = (total / 3600, (total % 3600) / 60, total % 60);
+    if h > 0 {
+        format!("{h} h {m:02} min")
+    } else {
+        format!("{m} min {sec:02} s")
+    }
+}
+
+fn f4(v: f64) -> String {
+    format!("{v:.4}")
+}
+
+fn num(v: &Value, p: &str) -> Option<f64> {
+    v.pointer(p).and_then(Value::as_f64)
+}
+
+/// The facts and tables of a training stage's `summary.json`.
+fn training_section(summary: &Value, section: &mut StageSection) {
+    let steps = summary.get("step").and_then(Value::as_u64).unwrap_or(0);
+    let batch = summary
+        .pointer("/config/total_batch_size")
+        .and_then(Value::as_u64);
+    section.facts.push(match batch {
+        Some(b) => format!(
+            "{} optimizer steps × total batch size {}.",
+            group_thousands(steps as i64),
+            group_thousands(b as i64)
+        ),
+        None => format!("{} optimizer steps.", group_thousands(steps as i64)),
+    });
+    let mut fin = Vec::new();
+    if let Some(l) = num(summary, "/train_loss") {
+        fin.push(format!("train loss {}", f4(l)));
+    }
+    if let Some(b) = num(summary, "/val_bpb") {
+        fin.push(format!("validation bpb {}", f4(b)));
+    }
+    if let Some(b) = num(summary, "/min_val_bpb") {
+        fin.push(format!("best {}", f4(b)));
+    }
+    if !fin.is_empty() {
+        section.facts.push(format!("Final: {}.", fin.join(", ")));
+    }
+}
+
+/// Adds a table of `records` with one column per `(header, field)` (a header ending in `:` is
+/// right-aligned); nothing when there are no records.
+fn push_table(
+    section: &mut StageSection,
+    title: &str,
+    records: &[&Value],
+    columns: &[(&str, &str)],
+) {
+    if records.is_empty() {
+        return;
+    }
+    section.tables.push(Table {
+        title: title.into(),
+        header: columns.iter().map(|(h, _)| h.to_string()).collect(),
+        rows: records
+            .iter()
+            .map(|r| {
+                columns
+                    .iter()
+                    .map(|(_, k)| r.get(k).map(fmt_value).unwrap_or_default())
+                    .collect()
+            })
+            .collect(),
+    });
+}
+
+/// The facts and per-task tables of an eval's `metrics.json`.
+fn eval_section(m: &Value, section: &mut StageSection) {
+    if let Some(d) = m.pointer("/model/description").and_then(Value::as_str) {
+        section.facts.push(format!("Model: {d}."));
+    }
+    if let Some(core) = m.get("core") {
+        let tasks = core.get("tasks").and_then(Value::as_array);
+        let mut line = match num(core, "/core_metric") {
+            Some(c) => format!("CORE {}", f4(c)),
+            None => "CORE not computed".to_string(),
+        };
+        if let Some(t) = tasks {
+            line.push_str(&format!(" over {} tasks", t.len()));
+        }
+        if core.get("complete").and_then(Value::as_bool) == Some(false) {
+            line.push_str(" (partial: not every task on all its items)");
+        }
+        section.facts.push(format!("{line}."));
+        let rows: Vec<&Value> = tasks
+            .into_iter()
+            .flatten()
+            .chain(
+                core.get("custom")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten(),
+            )
+            .collect();
+        push_table(
+            section,
+            "CORE tasks",
+            &rows,
+            &[
+                ("Task", "label"),
+                ("Type", "task_type"),
+                ("Shots:", "num_fewshot"),
+                ("Items:", "items"),
+                ("Accuracy:", "accuracy"),
+                ("Centered:", "centered"),
+            ],
+        );
+    }
+    if let Some(bpb) = num(m, "/bpb/bpb") {
+        section
+            .facts
+            .push(format!("Validation bits per byte {}.", f4(bpb)));
+    }
+    if let Some(chat) = m.get("chat") {
+        if let Some(c) = num(chat, "/chatcore") {
+            section.facts.push(format!("ChatCORE {}.", f4(c)));
+        }
+        let rows: Vec<&Value> = chat
+            .get("tasks")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .collect();
+        push_table(
+            section,
+            "Chat tasks",
+            &rows,
+            &[
+                ("Task", "task"),
+                ("Items:", "items"),
+                ("Correct:", "correct"),
+                ("Accuracy:", "accuracy"),
+                ("Centered:", "centered"),
+            ],
+        );
+    }
+}
+
+/// The file counts of the data stage's `summary.json` (`"corpus/x.jsonl": documents`).
+fn data_section(summary: &Value, section: &mut StageSection) {
+    let Some(map) = summary.as_object() else {
+        return;
+    };
+    let rows: Vec<Vec<String>> = map
+        .iter()
+        .map(|(k, v)| vec![k.clone(), fmt_value(v)])
+        .collect();
+    section.facts.push(format!("{} files.", rows.len()));
+    section.tables.push(Table {
+        title: "Files".into(),
+        header: vec!["File".into(), "Records:".into()],
+        rows,
+    });
+}
+
+/// The tokenizer's `train_report.json` and `tok_eval.json`.
+fn tokenizer_section(report: &Value, tok_eval: Option<&Value>, section: &mut StageSection) {
+    if let Some(v) = report.get("vocab_size").and_then(Value::as_u64) {
+        let specials = report
+            .get("num_special_tokens")
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        section.facts.push(format!(
+            "Vocabulary of {} tokens ({specials} special).",
+            group_thousands(v as i64)
+        ));
+    }
+    let Some(rows) = tok_eval
+        .and_then(|t| t.get("rows"))
+        .and_then(Value::as_array)
+    else {
+        return;
+    };
+    // Our tokenizer is the one with the report's vocabulary size; fall back to the first.
+    let ours = tok_eval
+        .and_then(|t| t.get("vocab_sizes"))
+        .and_then(Value::as_object)
+        .and_then(|m| {
+            let want = report.get("vocab_size");
+            m.iter()
+                .find(|(_, v)| Some(*v) == want)
+                .or_else(|| m.iter().next())
+                .map(|(k, _)| k.clone())
+        });
+    let Some(ours) = ours else { return };
+    let table_rows: Vec<Vec<String>> = rows
+        .iter()
+        .filter_map(|r| {
+            let res = r.pointer(&format!("/results/{ours}"))?;
+            Some(vec![
+                r.get("name").map(fmt_value).unwrap_or_default(),
+                r.get("bytes").map(fmt_value).unwrap_or_default(),
+                res.get("tokens").map(fmt_value).unwrap_or_default(),
+                res.get("ratio")
+                    .and_then(Value::as_f64)
+                    .map(|x| format!("{x:.2}"))
+                    .unwrap_or_default(),
+            ])
+        })
+        .collect();
+    if !table_rows.is_empty() {
+        section.tables.push(Table {
+            title: "Compression".into(),
+            header: ["Text", "Bytes:", "Tokens:", "Bytes per token:"]
+                .map(String::from)
+                .to_vec(),
+            rows: table_rows,
+        });
+    }
+}
+
 /// Build the report card from named artifact directories, writing curve SVGs under
 /// `out_dir/curves/`.
 pub fn build_report(
@@ -252,47 +525,60 @@ pub fn build_report(
 ) -> Result<ReportCard> {
     let mut card = ReportCard {
         title: title.to_string(),
-        system: system_info(),
         columns: SUMMARY_COLUMNS.iter().map(|s| s.to_string()).collect(),
+        nanochat_version: env!("CARGO_PKG_VERSION").to_string(),
         ..Default::default()
     };
     for (name, dir) in inputs {
         let mut section = StageSection {
             name: name.clone(),
+            kind: "other".into(),
+            run: run_info(dir),
             ..Default::default()
         };
-        let mpath = dir.join("metrics.json");
-        if mpath.is_file() {
-            let text = std::fs::read_to_string(&mpath).map_err(|e| EvalError::io(&mpath, e))?;
-            match serde_json::from_str::<Value>(&text) {
-                Ok(v) => {
-                    flatten("", &v, &mut section.metrics);
-                    if let Some((col, vals)) = summary_of(&v) {
-                        if !card.columns.contains(&col) {
-                            card.columns.push(col.clone());
-                        }
-                        for (m, x) in vals {
-                            card.summary.entry(m).or_default().insert(col.clone(), x);
-                        }
-                    }
-                    if let Some(notes) = v.get("notes").and_then(Value::as_array) {
-                        for n in notes.iter().filter_map(Value::as_str) {
-                            card.notes.push(format!("{name}: {n}"));
-                        }
-                    }
+        let metrics = read_json(&dir.join("metrics.json"), name, &mut card.notes)?;
+        let summary = read_json(&dir.join("summary.json"), name, &mut card.notes)?;
+        let tok_report = read_json(&dir.join("train_report.json"), name, &mut card.notes)?;
+        if let Some(v) = &metrics {
+            flatten("", v, &mut section.metrics);
+            if let Some((col, vals)) = summary_of(v) {
+                section.kind = "eval".into();
+                if !card.columns.contains(&col) {
+                    card.columns.push(col.clone());
                 }
-                Err(e) => card.notes.push(format!(
-                    "{name}: metrics.json is not valid JSON ({e}); skipped"
-                )),
+                for (m, x) in vals {
+                    card.summary.entry(m).or_default().insert(col.clone(), x);
+                }
+                eval_section(v, &mut section);
             }
+            if let Some(notes) = v.get("notes").and_then(Value::as_array) {
+                for n in notes.iter().filter_map(Value::as_str) {
+                    card.notes.push(format!("{name}: {n}"));
+                }
+            }
+        }
+        if let Some(v) = &summary {
+            if metrics.is_none() {
+                flatten("", v, &mut section.metrics);
+            }
+            if v.get("step").is_some() {
+                section.kind = "training".into();
+                training_section(v, &mut section);
+            } else if section.kind == "other" {
+                section.kind = "data".into();
+                data_section(v, &mut section);
+            }
+        }
+        if let Some(v) = &tok_report {
+            section.kind = "tokenizer".into();
+            flatten("", v, &mut section.metrics);
+            let tok_eval = read_json(&dir.join("tok_eval.json"), name, &mut card.notes)?;
+            tokenizer_section(v, tok_eval.as_ref(), &mut section);
         }
         let curves = read_curves(dir)?;
         let groups: [(&str, KeyFilter); 3] = [
             ("loss", |k| k.to_ascii_lowercase().contains("loss")),
-            ("lr", |k| {
-                let k = k.to_ascii_lowercase();
-                k == "lr" || k.contains("lrm") || k.ends_with("_lr")
-            }),
+            ("lr", is_lr_field),
             ("bpb", |k| k.to_ascii_lowercase().contains("bpb")),
         ];
         for (group, pick) in groups {
@@ -383,49 +669,107 @@ pub fn summary_table(card: &ReportCard) -> String {
     s
 }
 
-/// Render the report card as markdown.
-pub fn render_markdown(card: &ReportCard) -> String {
-    let sys = &card.system;
-    let mut s = format!(
-        "# {}\n\nGenerated: {} UTC\n\n## Environment\n\n",
-        card.title, sys.generated_utc
-    );
-    s.push_str(&format!(
-        "- Host: {} ({})\n- CPU: {} ({} logical CPUs)\n- Memory: {:.1} GiB\n- nanochat-rs: {}{}\n\n",
-        sys.hostname,
-        sys.platform,
-        sys.cpu,
-        sys.cpus,
-        sys.memory_gib,
-        sys.nanochat_version,
-        sys.git_commit
-            .as_ref()
-            .map(|c| format!(" (git {c})"))
-            .unwrap_or_default()
-    ));
-    for st in &card.stages {
-        s.push_str(&format!("## {}\n\n", st.name));
-        if st.metrics.is_empty() && st.curves.is_empty() {
-            s.push_str("(no metrics.json or training log in this artifact)\n\n");
-        }
-        for (k, v) in &st.metrics {
-            s.push_str(&format!("- {k}: {}\n", fmt_value(v)));
-        }
-        if !st.metrics.is_empty() {
-            s.push('\n');
-        }
-        for c in &st.curves {
-            s.push_str(&format!("![{c}]({c})\n\n"));
-        }
+/// A [`Table`] as markdown.
+fn table_markdown(t: &Table) -> String {
+    let mut s = format!("**{}**\n\n|", t.title);
+    for h in &t.header {
+        s.push_str(&format!(" {} |", h.trim_end_matches(':')));
     }
-    s.push_str("## Summary\n\n");
+    s.push_str("\n|");
+    for h in &t.header {
+        s.push_str(if h.ends_with(':') { "---:|" } else { "---|" });
+    }
+    s.push('\n');
+    for r in &t.rows {
+        s.push('|');
+        for c in r {
+            s.push_str(&format!(" {c} |"));
+        }
+        s.push('\n');
+    }
+    s.push('\n');
+    s
+}
+
+/// The "how it ran" sentence of a section.
+fn run_sentence(r: &RunInfo) -> Option<String> {
+    let mut s = match r.seconds {
+        Some(t) => format!("Took {}", fmt_duration(t)),
+        None if r.host.is_some() || r.device.is_some() => "Ran".to_string(),
+        None => return None,
+    };
+    if let Some(h) = &r.host {
+        s.push_str(&format!(" on {h}"));
+    }
+    if let Some(d) = &r.device {
+        s.push_str(&format!(" ({d})"));
+    }
+    if let Some(t) = r.tok_per_s {
+        s.push_str(&format!(", {} tokens/s", group_thousands(t.round() as i64)));
+    }
+    if let Some(st) = &r.started {
+        s.push_str(&format!(", started {st}"));
+    }
+    if r.resumed {
+        s.push_str(", resumed after an interruption");
+    }
+    s.push('.');
+    Some(s)
+}
+
+/// Render the report card as markdown: summary table, one section per stage, tables.
+pub fn render_markdown(card: &ReportCard) -> String {
+    let mut s = format!("# {}\n\n", card.title);
     s.push_str(&summary_table(card));
+    s.push('\n');
+    let total: f64 = card.stages.iter().filter_map(|st| st.run.seconds).sum();
+    if total > 0.0 {
+        s.push_str(&format!(
+            "Total time of the stages below: {}.\n\n",
+            fmt_duration(total)
+        ));
+    }
+    for n in &card.notes {
+        s.push_str(&format!("- Note: {n}\n"));
+    }
     if !card.notes.is_empty() {
         s.push('\n');
-        for n in &card.notes {
-            s.push_str(&format!("- Note: {n}\n"));
+    }
+    for st in &card.stages {
+        s.push_str(&format!("## {}\n\n", st.name));
+        if !st.run.inputs.is_empty() {
+            let ins: Vec<String> = st
+                .run
+                .inputs
+                .iter()
+                .map(|(k, id)| format!("{k} (`{}`)", &id[..id.len().min(12)]))
+                .collect();
+            s.push_str(&format!("Inputs: {}.\n", ins.join(", ")));
+        }
+        for f in &st.facts {
+            s.push_str(&format!("{f}\n"));
+        }
+        if let Some(r) = run_sentence(&st.run) {
+            s.push_str(&format!("{r}\n"));
+        }
+        if st.facts.is_empty() && st.curves.is_empty() && st.tables.is_empty() {
+            s.push_str("(no results this report knows how to read; raw numbers in report.json)\n");
+        }
+        s.push('\n');
+        for c in &st.curves {
+            s.push_str(&format!("![{c}]({c})\n"));
+        }
+        if !st.curves.is_empty() {
+            s.push('\n');
+        }
+        for t in &st.tables {
+            s.push_str(&table_markdown(t));
         }
     }
+    s.push_str(&format!(
+        "---\nWritten by nanochat-rs {}; every number above and more is in report.json.\n",
+        card.nanochat_version
+    ));
     s
 }
 
@@ -435,7 +779,8 @@ pub fn write_report(card: &ReportCard, out_dir: &Path) -> Result<()> {
     write_atomic(
         &out_dir.join("report.json"),
         serde_json::to_string_pretty(card)?.as_bytes(),
-    )
+    )?;
+    Ok(())
 }
 
 /// Load a `report.json`.
@@ -456,7 +801,7 @@ pub fn compare_markdown(a: &ReportCard, b: &ReportCard, a_name: &str, b_name: &s
     }
     let mut s = format!(
         "# Report comparison\n\nA = {a_name} ({})\nB = {b_name} ({})\n\n## Summary\n\n| Metric |",
-        a.system.generated_utc, b.system.generated_utc
+        a.title, b.title
     );
     for c in &cols {
         s.push_str(&format!(" {c} A | {c} B | {c} Δ |"));
