@@ -136,6 +136,9 @@ pub trait ServedModel: Send + Sync + 'static {
     fn default_name(&self) -> &str;
     /// Context window in tokens (prompt + completion).
     fn context_len(&self) -> usize;
+    /// Where the model runs, as its backend describes itself (`cpu (...)`, `cuda:0 (...)`);
+    /// reported by `/health`, `/stats` and the startup log.
+    fn device(&self) -> &str;
     /// Tokens priming the assistant to answer this conversation.
     fn render_chat(&self, turns: &[ChatTurn]) -> Result<Vec<u32>>;
     /// Tokens for a raw completion prompt (BOS + text).

@@ -134,10 +134,12 @@ pub struct EngineModel<M: StepModel + 'static> {
     renderer: Arc<dyn PromptRenderer>,
     artifact_id: String,
     name: String,
+    device: String,
 }
 
 impl<M: StepModel + 'static> EngineModel<M> {
     /// `artifact_id` must change whenever the weights or tokenizer change (it keys the cache).
+    /// The device it reports is `cpu` until [`EngineModel::with_device`] says otherwise.
     pub fn new(
         engine: Engine<M>,
         renderer: Arc<dyn PromptRenderer>,
@@ -149,7 +151,15 @@ impl<M: StepModel + 'static> EngineModel<M> {
             renderer,
             artifact_id,
             name,
+            device: "cpu".into(),
         }
+    }
+
+    /// Reports `device` (the backend's description, e.g. `cuda:0 (NVIDIA H100, ...)`) as where
+    /// the model runs.
+    pub fn with_device(mut self, device: impl Into<String>) -> Self {
+        self.device = device.into();
+        self
     }
 }
 
@@ -164,6 +174,10 @@ impl<M: StepModel + 'static> ServedModel for EngineModel<M> {
 
     fn context_len(&self) -> usize {
         self.engine.model().context_len()
+    }
+
+    fn device(&self) -> &str {
+        &self.device
     }
 
     fn render_chat(&self, turns: &[ChatTurn]) -> Result<Vec<u32>> {

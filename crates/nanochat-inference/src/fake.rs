@@ -118,6 +118,10 @@ impl ServedModel for FakeModel {
         self.context_len
     }
 
+    fn device(&self) -> &str {
+        "none (scripted fake model)"
+    }
+
     fn render_chat(&self, turns: &[ChatTurn]) -> Result<Vec<u32>> {
         let mut ids = vec![BOS];
         let mut system: Option<&str> = None;

@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use nanochat_inference::fake::FakeModel;
 use nanochat_inference::{ServedModel, Server, ServerConfig};
+use nanochat_model::Device;
 
 /// Serve a nanochat checkpoint with an OpenAI-compatible API and a chat page at `/`.
 #[derive(Debug, Parser)]
@@ -19,6 +20,10 @@ struct Cli {
     /// Tokenizer directory, when it is not stored with the model.
     #[arg(long, requires = "model")]
     tokenizer: Option<PathBuf>,
+    /// Device to serve on: `cpu`, `cuda` (GPU 0, or the one LOCAL_RANK names), `gpu` (same as
+    /// `cuda`) or `cuda:N`. A GPU needs a build with `--features cuda` (docs/gpu.md).
+    #[arg(long, env = "NANOCHAT_DEVICE", default_value = "cpu")]
+    device: Device,
     /// Serve the scripted echo model instead of a checkpoint (UI work, load tests).
     #[arg(long, conflicts_with = "model")]
     fake: bool,
@@ -109,7 +114,7 @@ fn load_model(cli: &Cli) -> Result<Arc<dyn ServedModel>> {
         ))));
     }
     let dir = cli.model.as_ref().context("--model is required")?;
-    let model = nanochat_inference::load::load_model(dir, cli.tokenizer.as_deref())
+    let model = nanochat_inference::load::load_model_on(dir, cli.tokenizer.as_deref(), cli.device)
         .with_context(|| format!("loading the model from {}", dir.display()))?;
     Ok(Arc::new(model))
 }
@@ -130,6 +135,7 @@ async fn main() -> Result<()> {
     tracing::info!(
         addr = %server.addr,
         model = server.state.model_name(),
+        device = server.state.device(),
         workers = cfg.workers,
         max_batch = cfg.max_batch,
         "serving: open http://{}/ for the chat page",
@@ -137,4 +143,38 @@ async fn main() -> Result<()> {
     );
     server.run().await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> std::result::Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("nanochat-inference").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn device_flag_parses_defaults_to_cpu_and_rejects_unknown_names() {
+        if std::env::var_os("NANOCHAT_DEVICE").is_none() {
+            let cli = parse(&["--model", "m"]).unwrap();
+            assert_eq!(cli.device, Device::Cpu);
+        }
+        for (flag, device) in [
+            ("cpu", Device::Cpu),
+            ("cuda", Device::Cuda(None)),
+            ("gpu", Device::Cuda(None)),
+            ("cuda:1", Device::Cuda(Some(1))),
+        ] {
+            let cli = parse(&["--model", "m", "--device", flag]).unwrap();
+            assert_eq!(cli.device, device, "{flag}");
+        }
+        let err = parse(&["--model", "m", "--device", "tpu"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("--device") && err.contains("\"cpu\", \"cuda\" or \"cuda:N\""),
+            "{err}"
+        );
+    }
 }

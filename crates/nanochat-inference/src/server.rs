@@ -118,6 +118,11 @@ impl AppState {
         &self.model_name
     }
 
+    /// Where the served model runs (its backend's description).
+    pub fn device(&self) -> &str {
+        self.model.device()
+    }
+
     fn new_id(&self, prefix: &str) -> String {
         let n = self
             .next_id
@@ -135,6 +140,7 @@ impl AppState {
         Stats {
             model: self.model_name.clone(),
             artifact_id: self.model.artifact_id().to_string(),
+            device: self.model.device().to_string(),
             uptime_secs: self.started.elapsed().as_secs_f64(),
             requests: RequestStats {
                 total: get(&c.requests),
@@ -182,6 +188,8 @@ pub struct Stats {
     pub model: String,
     /// Weights identity.
     pub artifact_id: String,
+    /// Where the model runs (its backend's description).
+    pub device: String,
     /// Seconds since start.
     pub uptime_secs: f64,
     /// Request counts by outcome.
@@ -857,6 +865,7 @@ async fn health(state: web::Data<AppState>) -> HttpResponse {
         "status": if ready { "ok" } else { "starting" },
         "ready": ready,
         "model": state.model_name,
+        "device": state.model.device(),
         "workers": s.workers.len(),
         "active": state.scheduler.active(),
         "queue_depth": s.queue_depth,

@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use common::*;
-use nanochat_inference::load::load_model_dir;
+use nanochat_inference::load::{load_model_dir, load_model_on};
 use nanochat_inference::{ServedModel, Server, ServerConfig};
-use nanochat_model::{CheckpointMeta, Gpt, GptConfig};
+use nanochat_model::{CheckpointMeta, Device, Gpt, GptConfig};
 use nanochat_tokenizer::Tokenizer;
 use serde_json::json;
 
@@ -136,6 +136,45 @@ fn loading_a_directory_without_a_model_says_what_is_missing() {
     assert!(err.contains("no tokenizer with the model"), "{err}");
     tokenizer.save(tmp.path()).unwrap();
     assert!(load_model_dir(tmp.path()).is_ok());
+}
+
+#[actix_web::test]
+async fn the_device_is_chosen_at_load_and_reported_by_health_and_stats() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_tiny_model(tmp.path());
+    let model = load_model_on(tmp.path(), None, Device::Cpu).expect("loads on the CPU");
+    assert!(model.device().starts_with("cpu"), "{}", model.device());
+    let mut cfg = ServerConfig::default();
+    cfg.port = 0;
+    let addr = Server::bind(cfg, Arc::new(model)).unwrap().spawn().0;
+    let health = request(addr, "GET", "/health", "").await.json();
+    assert!(
+        health["device"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("cpu"),
+        "{health}"
+    );
+    let stats = request(addr, "GET", "/stats", "").await.json();
+    assert_eq!(stats["device"], health["device"]);
+    let r = post_json(
+        addr,
+        CHAT,
+        &json!({"messages": user("hi"), "temperature": 0, "max_tokens": 3}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    if !cfg!(feature = "cuda") {
+        let err = load_model_on(tmp.path(), None, Device::Cuda(None))
+            .err()
+            .expect("no CUDA backend in this build")
+            .to_string();
+        assert!(
+            err.contains("device cuda") && err.contains("--features cuda"),
+            "{err}"
+        );
+    }
 }
 
 /// The trained fixture.
