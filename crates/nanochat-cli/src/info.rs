@@ -5,7 +5,8 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::Args;
-use nanochat_model::{estimate_memory, Workload};
+use nanochat_engine::DeviceGpt;
+use nanochat_model::{estimate_memory_on, MemoryEstimate, Workload};
 use serde_json::json;
 
 use crate::{load, ModelArgs};
@@ -23,17 +24,28 @@ fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
 }
 
+/// The memory estimate on the device the model is on (its buffer layout may differ there).
+fn memory_on_device(
+    model: &DeviceGpt,
+    cfg: &nanochat_model::GptConfig,
+    workload: Workload,
+) -> MemoryEstimate {
+    match model {
+        DeviceGpt::Cpu(m) => estimate_memory_on(m.backend(), cfg, workload),
+        #[cfg(feature = "cuda")]
+        DeviceGpt::Cuda(m) => estimate_memory_on(m.backend(), cfg, workload),
+    }
+}
+
 pub fn run(args: InfoArgs, json_out: bool) -> Result<ExitCode> {
     let loaded = load::load(&args.model)?;
     let cfg = loaded.model.config().clone();
     let params = cfg.num_params();
-    let mem = estimate_memory(
-        &cfg,
-        Workload::Inference {
-            rows: args.batch.max(1),
-            capacity: cfg.sequence_len,
-        },
-    );
+    let workload = Workload::Inference {
+        rows: args.batch.max(1),
+        capacity: cfg.sequence_len,
+    };
+    let mem = memory_on_device(&loaded.model, &cfg, workload);
     let meta = &loaded.meta;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
@@ -41,6 +53,7 @@ pub fn run(args: InfoArgs, json_out: bool) -> Result<ExitCode> {
         let v = json!({
             "checkpoint": loaded.checkpoint_dir.display().to_string(),
             "tokenizer": loaded.tokenizer_dir.display().to_string(),
+            "device": loaded.model.describe(),
             "config": cfg,
             "params": params,
             "memory_bytes": {
@@ -99,6 +112,7 @@ pub fn run(args: InfoArgs, json_out: bool) -> Result<ExitCode> {
         mib(mem.kv_cache),
         mib(mem.activations)
     )?;
+    writeln!(out, "device       {}", loaded.model.describe())?;
     writeln!(out, "step         {}", meta.step)?;
     if let Some(loss) = meta.loss {
         writeln!(out, "loss         {loss:.4}")?;

@@ -6,17 +6,17 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use nanochat_artifacts::layout::{resolve_model, ModelLocation};
 use nanochat_artifacts::ArtifactStore;
-use nanochat_engine::Engine;
-use nanochat_model::{load_checkpoint, CheckpointMeta, Gpt};
+use nanochat_engine::{DeviceGpt, Engine};
+use nanochat_model::{load_checkpoint, CheckpointMeta};
 use nanochat_tokenizer::Tokenizer;
 
 use crate::{usage, ModelArgs};
 
-/// A loaded model with everything the commands show about it.
+/// A loaded model, on the device `--device` named, with everything the commands show about it.
 pub struct Loaded {
-    pub engine: Engine<Gpt>,
+    pub engine: Engine<DeviceGpt>,
     pub tokenizer: Arc<Tokenizer>,
-    pub model: Arc<Gpt>,
+    pub model: Arc<DeviceGpt>,
     pub meta: CheckpointMeta,
     pub checkpoint_dir: PathBuf,
     pub tokenizer_dir: PathBuf,
@@ -52,7 +52,9 @@ pub fn tokenizer(dir: &Path) -> Result<Tokenizer> {
     Tokenizer::load(dir).with_context(|| format!("loading the tokenizer from {}", dir.display()))
 }
 
-/// Loads the model, its tokenizer, and checks they belong together.
+/// Loads the model and its tokenizer, checks they belong together, and moves the model to
+/// `--device` (an error says why a device cannot be opened, e.g. a build without the `cuda`
+/// feature).
 pub fn load(args: &ModelArgs) -> Result<Loaded> {
     let ModelLocation {
         checkpoint: checkpoint_dir,
@@ -71,6 +73,9 @@ pub fn load(args: &ModelArgs) -> Result<Loaded> {
             checkpoint_dir.display()
         );
     }
+    let model = DeviceGpt::on(model, args.device)
+        .with_context(|| format!("putting the model on device {}", args.device))?;
+    tracing::info!(device = %model.describe(), "model placed");
     let model = Arc::new(model);
     let tokenizer = Arc::new(tok);
     Ok(Loaded {

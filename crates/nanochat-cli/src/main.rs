@@ -84,6 +84,10 @@ pub struct ModelArgs {
     /// itself, or a sibling `tokenizer/`).
     #[arg(long, env = "NANOCHAT_TOKENIZER")]
     pub tokenizer: Option<std::path::PathBuf>,
+    /// Device to run the model on: `cpu`, `cuda` (GPU 0, or the one LOCAL_RANK names), `gpu`
+    /// (same as `cuda`) or `cuda:N`. A GPU needs a build with `--features cuda` (docs/gpu.md).
+    #[arg(long, env = "NANOCHAT_DEVICE", default_value = "cpu")]
+    pub device: nanochat_model::Device,
 }
 
 /// Sampling flags shared by `generate` and `chat`.

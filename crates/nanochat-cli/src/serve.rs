@@ -65,15 +65,20 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
         args.model.tokenizer.as_deref(),
         &args.model.store,
     )?;
-    let model = nanochat_inference::load::load_model(&loc.checkpoint, Some(&loc.tokenizer))
-        .with_context(|| format!("loading the model from {}", loc.checkpoint.display()))?;
+    let model = nanochat_inference::load::load_model_on(
+        &loc.checkpoint,
+        Some(&loc.tokenizer),
+        args.model.device,
+    )
+    .with_context(|| format!("loading the model from {}", loc.checkpoint.display()))?;
     let system = actix_web::rt::System::new();
     system.block_on(async move {
         let server = Server::bind(cfg, Arc::new(model)).context("starting the server")?;
         eprintln!(
-            "nanochat: serving {} on http://{}/ (OpenAI API at /v1, health at /health)",
+            "nanochat: serving {} on http://{}/ (OpenAI API at /v1, health at /health) on {}",
             server.state.model_name(),
-            server.addr
+            server.addr,
+            server.state.device()
         );
         server.run().await.context("serving")
     })?;

@@ -52,10 +52,17 @@ fn fixture() -> &'static Fixture {
 }
 
 fn nanochat(args: &[&str], stdin: Option<&str>) -> Output {
+    nanochat_env(args, stdin, &[])
+}
+
+/// Like [`nanochat`], with these environment variables set.
+fn nanochat_env(args: &[&str], stdin: Option<&str>, env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_nanochat"));
     cmd.args(args)
         .env_remove("NANOCHAT_MODEL")
         .env_remove("NANOCHAT_TOKENIZER")
+        .env_remove("NANOCHAT_DEVICE")
+        .envs(env.iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -264,6 +271,65 @@ fn info_reports_config_size_and_provenance() {
 }
 
 #[test]
+fn the_device_defaults_to_cpu_and_bad_or_unbuilt_devices_fail_clearly() {
+    let j = json(&nanochat(&["--json", "info", "--model", model()], None));
+    let device = j["device"].as_str().unwrap_or_default();
+    assert!(device.starts_with("cpu"), "{j}");
+    let o = nanochat(&["info", "--model", model(), "--device", "cpu"], None);
+    assert!(stdout(&o).contains("device       cpu"), "{}", stdout(&o));
+
+    // A name that is no device: usage error listing the accepted ones.
+    let o = nanochat(
+        &["generate", "--model", model(), "--device", "tpu", "hi"],
+        None,
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("--device") && stderr(&o).contains("\"cpu\", \"cuda\" or \"cuda:N\""),
+        "{}",
+        stderr(&o)
+    );
+    let o = nanochat_env(
+        &["info", "--model", model()],
+        None,
+        &[("NANOCHAT_DEVICE", "tpu")],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+
+    if cfg!(feature = "cuda") {
+        return; // with the feature, whether a GPU opens depends on the machine
+    }
+    // A GPU in a build without the `cuda` feature: every model command says how to rebuild.
+    let model = model();
+    let runs: [&[&str]; 5] = [
+        &[
+            "generate", "--model", model, "--device", "cuda", "-n", "2", "hi",
+        ],
+        &[
+            "chat", "--model", model, "--device", "cuda:1", "--prompt", "hi",
+        ],
+        &["info", "--model", model, "--device", "gpu"],
+        &["serve", "--model", model, "--device", "cuda", "--port", "0"],
+        &["info", "--model", model],
+    ];
+    for (i, args) in runs.iter().enumerate() {
+        // The last one takes the device from NANOCHAT_DEVICE.
+        let env: &[(&str, &str)] = if i == 4 {
+            &[("NANOCHAT_DEVICE", "cuda")]
+        } else {
+            &[]
+        };
+        let o = nanochat_env(args, None, env);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {}", stderr(&o));
+        let err = stderr(&o);
+        assert!(
+            err.contains("device cuda") && err.contains("--features cuda"),
+            "{args:?}: {err}"
+        );
+    }
+}
+
+#[test]
 fn chat_reads_turns_and_commands_from_stdin() {
     let o = nanochat(
         &["chat", "--model", model(), "-n", "8"],
@@ -445,6 +511,7 @@ fn serve_answers_health_on_a_free_port() {
             .args(["--workers", "1"])
             .env_remove("NANOCHAT_MODEL")
             .env_remove("NANOCHAT_TOKENIZER")
+            .env_remove("NANOCHAT_DEVICE")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
