@@ -24,6 +24,7 @@ use crate::resume::{file_digest, TaskCheckpoints};
 use crate::sandbox::{Isolation, ProcessLimit, Sandbox, SandboxConfig};
 use crate::{EvalError, Result};
 use nanochat_artifacts::write_atomic;
+use nanochat_model::Device;
 
 /// Which evaluation suite to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -115,6 +116,11 @@ pub struct EvalConfig {
     /// HumanEval sandbox limits.
     #[serde(default)]
     pub sandbox: SandboxConfig,
+    /// Where the model runs: `"cpu"` (default), `"cuda"` (the GPU `LOCAL_RANK` names, else 0)
+    /// or `"cuda:N"`; a GPU needs a build with `--features cuda` (docs/gpu.md). Like every key,
+    /// part of the stage's fingerprint: a CPU and a GPU evaluation are different artifacts.
+    #[serde(default)]
+    pub device: Device,
 }
 
 fn default_batch() -> usize {
@@ -344,6 +350,17 @@ fn core_task_checkpointed(
     Ok((score, results, task.skipped))
 }
 
+/// What task checkpoints are keyed by besides the task: the model's fingerprint and, off the
+/// CPU, the kind of device (a GPU's sums run in another order, so its scores may differ in the
+/// last digits). CPU keys are the model fingerprint alone, as before devices existed.
+fn checkpoint_identity(fingerprint: &str, device: Device) -> String {
+    match device {
+        _ if fingerprint.is_empty() => String::new(),
+        Device::Cpu => fingerprint.to_string(),
+        Device::Cuda(_) => format!("{fingerprint} on cuda"),
+    }
+}
+
 fn check_interrupt(inputs: &EvalInputs<'_>) -> Result<()> {
     if (inputs.interrupted)() {
         return Err(EvalError::Invalid("interrupted".into()));
@@ -367,7 +384,10 @@ pub fn run_eval_resumable(
     work_dir: Option<&Path>,
 ) -> Result<EvalMetrics> {
     let started = Instant::now();
-    let mut ckpt = TaskCheckpoints::new(work_dir, &inputs.model_info.fingerprint)?;
+    let mut ckpt = TaskCheckpoints::new(
+        work_dir,
+        &checkpoint_identity(&inputs.model_info.fingerprint, cfg.device),
+    )?;
     let max = (cfg.max_per_task > 0).then_some(cfg.max_per_task);
     let mut failures = FailureSummary::default();
     let mut skipped_all: Vec<SkippedItem> = Vec::new();

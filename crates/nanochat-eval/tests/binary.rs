@@ -189,3 +189,66 @@ fn crashed_eval_stage_resumes_from_its_work_dir() {
     );
     assert_eq!(read(&resumed), read(&clean));
 }
+
+/// `device` in the config: `cpu` evaluates as the default does; a GPU in a build without the
+/// `cuda` feature fails before anything is evaluated, saying how to rebuild; a name that is no
+/// device is a config error listing the accepted ones.
+#[test]
+fn eval_binary_takes_the_device_from_its_config() {
+    let root = tempfile::tempdir().unwrap();
+    let model = make_model(root.path());
+    let base = format!(
+        "mode = \"base\"\ncore_dir = {:?}\nbatch_size = 8\nscoring = \"padded\"\n",
+        testdata("core_sample")
+    );
+    let default = root.path().join("default");
+    let o = run_stage(&base, &model, &default, &root.path().join("w1"));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let cpu = root.path().join("cpu");
+    let o = run_stage(
+        &format!("{base}device = \"cpu\"\n"),
+        &model,
+        &cpu,
+        &root.path().join("w2"),
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("evaluating on cpu"),
+        "the log names the device: {err}"
+    );
+    let metrics = |d: &Path| std::fs::read_to_string(d.join("metrics.json")).unwrap();
+    assert_eq!(metrics(&cpu), metrics(&default));
+
+    let bad = root.path().join("bad");
+    let o = run_stage(
+        &format!("{base}device = \"tpu\"\n"),
+        &model,
+        &bad,
+        &root.path().join("w3"),
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("tpu") && err.contains("\"cpu\", \"cuda\" or \"cuda:N\""),
+        "{err}"
+    );
+
+    if cfg!(feature = "cuda") {
+        return; // with the feature, whether a GPU opens depends on the machine
+    }
+    let gpu = root.path().join("gpu");
+    let o = run_stage(
+        &format!("{base}device = \"cuda\"\n"),
+        &model,
+        &gpu,
+        &root.path().join("w4"),
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("device cuda") && err.contains("--features cuda"),
+        "{err}"
+    );
+    assert!(!gpu.join("metrics.json").exists(), "nothing evaluated");
+}

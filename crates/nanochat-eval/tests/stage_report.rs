@@ -41,6 +41,29 @@ fn config_rejects_unknown_keys() {
     assert!(err.to_string().contains("rl"), "{err}");
 }
 
+#[test]
+fn config_device_defaults_to_cpu_and_names_the_accepted_devices() {
+    use nanochat_model::Device;
+    assert_eq!(base_config().device, Device::Cpu);
+    for (text, device) in [
+        ("cpu", Device::Cpu),
+        ("cuda", Device::Cuda(None)),
+        ("gpu", Device::Cuda(None)),
+        ("cuda:2", Device::Cuda(Some(2))),
+    ] {
+        let cfg: EvalConfig =
+            toml::from_str(&format!("mode = \"base\"\ndevice = {text:?}\n")).unwrap();
+        assert_eq!(cfg.device, device, "{text}");
+    }
+    let err = toml::from_str::<EvalConfig>("mode = \"base\"\ndevice = \"tpu\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("tpu") && err.contains("\"cpu\", \"cuda\" or \"cuda:N\""),
+        "{err}"
+    );
+}
+
 fn eval_base(out: &Path) -> nanochat_eval::stage::EvalMetrics {
     let model = OracleModel::new(|t| t.ends_with("alpha"));
     let inputs = EvalInputs {
@@ -548,7 +571,14 @@ fn interrupted_eval_resumes_from_task_checkpoints() {
     let (r, calls) = resumable_base(&dir("run3"), Some(&work), "model-a", &cfg, None);
     r.unwrap();
     assert_eq!(calls, 0);
-    // ...but not for another model,
+    // ...but not on another kind of device (its sums may differ in the last digits; the
+    // library does not care where the model really runs),
+    let mut on_gpu = cfg.clone();
+    on_gpu.device = nanochat_model::Device::Cuda(None);
+    let (r, calls) = resumable_base(&dir("run3b"), Some(&work), "model-a", &on_gpu, None);
+    r.unwrap();
+    assert_eq!(calls, clean_calls);
+    // nor for another model,
     let (r, calls) = resumable_base(&dir("run4"), Some(&work), "model-b", &cfg, None);
     r.unwrap();
     assert_eq!(calls, clean_calls);

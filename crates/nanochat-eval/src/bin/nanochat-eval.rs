@@ -6,6 +6,11 @@
 //! or a checkpoint directory); the tokenizer comes from the `tokenizer` input or from the model
 //! artifact. The config is [`nanochat_eval::stage::EvalConfig`] (see docs/eval.md). Wall times
 //! go to the run directory (`timing.json`), not the artifact.
+//!
+//! The arguments are the stage contract's and nothing else; the device is the config's
+//! `device` key (`"cpu"` by default, `"cuda"`, `"cuda:N"`), so that it is part of the stage's
+//! fingerprint. Every evaluation, scoring and generation alike, runs on that one copy of the
+//! model.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -13,6 +18,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use nanochat_artifacts::layout::resolve_model;
 use nanochat_artifacts::stage::{self, StageContext};
+use nanochat_engine::DeviceGpt;
 use nanochat_eval::adapters::EngineGenerator;
 use nanochat_eval::stage::{
     run_eval_resumable, summary_markdown, EvalConfig, EvalInputs, EvalMode, ModelInfo,
@@ -81,9 +87,9 @@ fn model_fingerprint(ckpt_dir: &Path, tok_dir: &Path) -> anyhow::Result<String> 
     Ok(nanochat_artifacts::sha256_hex(lines.as_bytes()))
 }
 
-/// Greedy generation with the calculator tool, through nanochat-engine.
+/// Greedy generation with the calculator tool, through nanochat-engine, on the model's device.
 fn make_generator(
-    gpt: &Arc<nanochat_model::Gpt>,
+    gpt: &Arc<DeviceGpt>,
     tokenizer: &Arc<Tokenizer>,
     max_batch: usize,
 ) -> Option<Box<dyn Generator>> {
@@ -135,7 +141,13 @@ fn run(ctx: &StageContext) -> anyhow::Result<()> {
     );
     let trained_on = training_data_mentions(&[model_root, &ckpt_dir]);
     let fingerprint = model_fingerprint(&ckpt_dir, &tok_dir)?;
-    tracing::info!(%description, ?trained_on, mode = ?cfg.mode, "evaluating");
+    let gpt = DeviceGpt::on(gpt, cfg.device).with_context(|| {
+        format!(
+            "putting the model on device {} (config key `device`)",
+            cfg.device
+        )
+    })?;
+    tracing::info!(%description, ?trained_on, mode = ?cfg.mode, "evaluating on {}", gpt.describe());
     let gpt = Arc::new(gpt);
     let generator: Option<Box<dyn Generator>> = match cfg.mode {
         EvalMode::Chat => make_generator(&gpt, &tokenizer, cfg.batch_size),
