@@ -669,3 +669,75 @@ fn a_missing_device_index_is_a_clear_error() {
         .unwrap_or_default();
     assert!(e.contains("CUDA device"), "{e}");
 }
+
+/// The bf16 copies of GEMM operands are reused only while their source is unchanged: a kernel
+/// writing the source, a GEMM writing over it, or an upload must each give a fresh copy.
+#[test]
+fn bf16_operand_copies_follow_writes_to_their_source() {
+    let Some(gpu) = gpu() else { return };
+    let g = &gpu;
+    let c = Cpu::new();
+    let mut r = Rng(29);
+    let (m, n, k) = (64, 48, 40);
+    let spec = Gemm {
+        ta: false,
+        tb: false,
+        m,
+        n,
+        k,
+        alpha: 1.0,
+        beta: 0.0,
+        precision: Precision::Bf16,
+    };
+    let mut a = r.vec(m * k);
+    let b = r.vec(k * n);
+    // `a` lives in a larger buffer so a GEMM can write over it (unaligned tail: scalar path).
+    let mut ga = up(g, &[a.clone(), vec![0.0; 3]].concat());
+    let gb = up(g, &b);
+    let mut gc = g.alloc(m * n, "c").unwrap();
+    let check = |what: &str, g: &Cuda, ga: &DeviceBuf<f32>, gc: &mut DeviceBuf<f32>, a: &[f32]| {
+        let av = Cuda::slice(Cuda::view(ga), 0..m * k);
+        g.gemm(spec, av, Cuda::view(&gb), Cuda::view_mut(gc))
+            .unwrap();
+        let mut want = vec![0f32; m * n];
+        c.gemm(spec, a, &b, &mut want).unwrap();
+        assert_close(what, &down(g, gc), &want, 1e-4);
+    };
+    check("first use", g, &ga, &mut gc, &a);
+    check("reused copy", g, &ga, &mut gc, &a);
+    // A kernel writes the source.
+    g.scale(Cuda::slice_mut(Cuda::view_mut(&mut ga), 0..m * k), -2.0)
+        .unwrap();
+    a.iter_mut().for_each(|x| *x *= -2.0);
+    check("after a kernel wrote the source", g, &ga, &mut gc, &a);
+    // An upload writes the source.
+    a = r.vec(m * k);
+    g.upload(&a, Cuda::slice_mut(Cuda::view_mut(&mut ga), 0..m * k))
+        .unwrap();
+    check("after an upload", g, &ga, &mut gc, &a);
+    // A GEMM writes over the source's first rows: C = [m2, n] at the start of `a`.
+    let (m2, k2) = (8, 40);
+    let small = Gemm {
+        m: m2,
+        n: k,
+        k: k2,
+        ..spec
+    };
+    let x = r.vec(m2 * k2);
+    let y = r.vec(k2 * k);
+    let (gx, gy) = (up(g, &x), up(g, &y));
+    g.gemm(
+        small,
+        Cuda::view(&gx),
+        Cuda::view(&gy),
+        Cuda::slice_mut(Cuda::view_mut(&mut ga), 0..m2 * k),
+    )
+    .unwrap();
+    let mut head = vec![0f32; m2 * k];
+    c.gemm(small, &x, &y, &mut head).unwrap();
+    // The GPU's own result is the new source (bf16 products differ from the CPU's slightly).
+    let now = down(g, &ga);
+    assert_close("the overwriting GEMM", &now[..m2 * k], &head, 1e-4);
+    a[..m2 * k].copy_from_slice(&now[..m2 * k]);
+    check("after a GEMM wrote over the source", g, &ga, &mut gc, &a);
+}

@@ -18,6 +18,7 @@ use std::collections::HashMap;
 use std::ffi::c_void;
 use std::marker::PhantomData;
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use trueno_gpu::driver::sys::{cuda_error_string, CudaDriver};
@@ -65,9 +66,74 @@ struct Inner {
     blas_path: String,
     scratch: Mutex<Scratch>,
     workspace: u64,
+    profile: Option<Mutex<Profile>>,
+    /// Bumped by everything that may write device memory other than cuBLAS (kernels, copies,
+    /// allocations): a memoised bf16 operand is valid only within the epoch it was made in.
+    writes: AtomicU64,
+    /// bf16 copies of f32 buffers in the operand slots (see [`Cuda::operand`]).
+    memo: Mutex<OperandMemo>,
     stream: CudaStream,
     _module: CudaModule,
     ctx: CudaContext,
+}
+
+/// Operand slots: a GEMM takes two; the backward pass of a linear layer reuses its output
+/// gradient's copy, and the q/k/v projections share their input's (forward and weight
+/// gradients), so four hold what a layer reuses.
+const OPERAND_SLOTS: usize = 4;
+
+/// The bf16 copies in the operand slots, and which f32 range each was made from. Between two
+/// writes to device memory (any kernel but the conversion itself, any copy), a GEMM that asks
+/// for the same range again gets the copy instead of converting anew; GEMM outputs that overlap
+/// a source drop its copy. Saves about a third of the conversions of a training step.
+#[derive(Default)]
+struct OperandMemo {
+    entries: Vec<MemoEntry>,
+    tick: u64,
+}
+
+#[derive(Clone, Copy)]
+struct MemoEntry {
+    src: u64,
+    len: usize,
+    slot: u8,
+    epoch: u64,
+    used: u64,
+}
+
+/// Wall time per kernel and GEMM shape, when `NANOCHAT_CUDA_PROFILE` is set: each launch is
+/// fenced by stream waits, so the figures add per-launch latency (a few µs) but need no
+/// profiler (ncu and nsys are not on every machine). The table prints when the GPU is closed.
+#[derive(Default)]
+struct Profile {
+    ops: HashMap<String, (u64, f64)>,
+}
+
+impl Profile {
+    fn report(&self) -> String {
+        let mut rows: Vec<_> = self.ops.iter().collect();
+        rows.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
+        let total: f64 = rows.iter().map(|r| r.1 .1).sum();
+        let mut out = format!(
+            "cuda profile: {:.1} ms in {} ops\n{:>10} {:>6} {:>9} {:>10}  op\n",
+            total * 1e3,
+            rows.len(),
+            "total ms",
+            "share",
+            "calls",
+            "µs/call"
+        );
+        for (name, &(calls, secs)) in rows {
+            out.push_str(&format!(
+                "{:>10.2} {:>5.1}% {:>9} {:>10.1}  {name}\n",
+                secs * 1e3,
+                100.0 * secs / total.max(1e-12),
+                calls,
+                1e6 * secs / calls.max(1) as f64
+            ));
+        }
+        out
+    }
 }
 
 thread_local! {
@@ -96,6 +162,28 @@ fn unavailable(device: String, reason: String) -> ComputeError {
 }
 
 impl Inner {
+    /// Runs `enqueue` and, when profiling, charges its time on the GPU to `key()`.
+    fn timed(
+        &self,
+        key: impl FnOnce() -> String,
+        enqueue: impl FnOnce() -> Result<()>,
+    ) -> Result<()> {
+        let Some(profile) = &self.profile else {
+            return enqueue();
+        };
+        self.sync()?;
+        let start = std::time::Instant::now();
+        enqueue()?;
+        self.sync()?;
+        let secs = start.elapsed().as_secs_f64();
+        if let Ok(mut p) = profile.lock() {
+            let e = p.ops.entry(key()).or_default();
+            e.0 += 1;
+            e.1 += secs;
+        }
+        Ok(())
+    }
+
     fn bind(&self) -> Result<()> {
         let raw = self.ctx.raw() as usize;
         if BOUND.with(|b| b.get()) != raw {
@@ -133,7 +221,13 @@ impl Inner {
         Ok(ptr)
     }
 
+    fn bump_writes(&self) {
+        self.writes.fetch_add(1, Ordering::Relaxed);
+    }
+
     fn raw_free(&self, ptr: u64) {
+        // A later buffer may sit where a memoised source was.
+        self.bump_writes();
         if ptr != 0 && self.bind().is_ok() {
             // SAFETY: allocated by raw_alloc, freed once (cuMemFree waits for its users).
             unsafe {
@@ -216,8 +310,7 @@ struct Scratch {
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 enum Slot {
-    OperandA,
-    OperandB,
+    Operand(u8),
     Partials,
     Scalar,
     Order,
@@ -265,6 +358,9 @@ impl Scratch {
 impl Drop for Inner {
     fn drop(&mut self) {
         let _ = self.sync();
+        if let Some(Ok(p)) = self.profile.as_ref().map(|p| p.lock()) {
+            eprint!("{}", p.report());
+        }
         if let Ok(mut b) = self.blas.lock() {
             b.take();
         }
@@ -361,6 +457,11 @@ impl Cuda {
             blas_path: String::new(),
             scratch: Mutex::new(Scratch::default()),
             workspace: 0,
+            writes: AtomicU64::new(0),
+            memo: Mutex::new(OperandMemo::default()),
+            profile: std::env::var_os("NANOCHAT_CUDA_PROFILE")
+                .filter(|v| !v.is_empty() && v != "0")
+                .map(|_| Mutex::new(Profile::default())),
             stream,
             _module: module,
             ctx,
@@ -405,6 +506,11 @@ impl Cuda {
             return Ok(());
         }
         self.inner.bind()?;
+        if !name.starts_with("k_to_bf16") {
+            // Only the conversion writes nowhere a memoised source can be (operand slots and
+            // the weights' bf16 shadow).
+            self.inner.bump_writes();
+        }
         let f = *self
             .inner
             .functions
@@ -423,24 +529,34 @@ impl Cuda {
             .iter_mut()
             .map(|v| (v as *mut u64).cast::<c_void>())
             .collect();
-        // SAFETY: `f` is a kernel of the loaded module and `args` follow its parameter list
-        // (ptx.rs); every pointer argument is a live device buffer sized by the caller's checks.
-        let rc = unsafe {
-            (self.inner.drv.cuLaunchKernel)(
-                f as *mut c_void,
-                grid.0,
-                grid.1,
-                grid.2,
-                block,
-                1,
-                1,
-                shared,
-                self.inner.stream.raw(),
-                ptrs.as_mut_ptr(),
-                std::ptr::null_mut(),
-            )
-        };
-        ck(rc, name)
+        self.inner.timed(
+            || {
+                let threads =
+                    u64::from(grid.0) * u64::from(grid.1) * u64::from(grid.2) * u64::from(block);
+                format!("{name} (2^{} threads)", 63 - threads.max(1).leading_zeros())
+            },
+            || {
+                // SAFETY: `f` is a kernel of the loaded module and `args` follow its parameter
+                // list (ptx.rs); every pointer argument is a live device buffer sized by the
+                // caller's checks.
+                let rc = unsafe {
+                    (self.inner.drv.cuLaunchKernel)(
+                        f as *mut c_void,
+                        grid.0,
+                        grid.1,
+                        grid.2,
+                        block,
+                        1,
+                        1,
+                        shared,
+                        self.inner.stream.raw(),
+                        ptrs.as_mut_ptr(),
+                        std::ptr::null_mut(),
+                    )
+                };
+                ck(rc, name)
+            },
+        )
     }
 
     /// An element-wise kernel over `n` elements: `(ptrs…, n, scalars…)`.
@@ -474,6 +590,16 @@ impl Cuda {
         batch: Option<Batch>,
     ) -> Result<()> {
         self.inner.bind()?;
+        // C is f32 `[m, n]` (per batch item, at its stride): copies of what it overwrites go.
+        let c_elems = match &batch {
+            Some(bt) => (bt.count.saturating_sub(1)) * bt.c + mnk.0 * mnk.1,
+            None => mnk.0 * mnk.1,
+        };
+        let c_end = c + 4 * c_elems as u64;
+        if let Ok(mut memo) = self.inner.memo.lock() {
+            memo.entries
+                .retain(|e| e.src + 4 * e.len as u64 <= c || e.src >= c_end);
+        }
         let guard = self
             .inner
             .blas
@@ -482,26 +608,90 @@ impl Cuda {
         let blas = guard
             .as_ref()
             .ok_or_else(|| ComputeError::kernel("cuBLAS was released"))?;
-        blas.gemm(t, mnk, alpha, a, b, beta, c, batch)
+        self.inner.timed(
+            || {
+                let count = batch.as_ref().map_or(1, |b| b.count);
+                let ty = if a.1 == R_16BF { "bf16" } else { "f32" };
+                format!(
+                    "gemm {}x{}x{} x{count} t{}{} {ty} beta{beta}",
+                    mnk.0, mnk.1, mnk.2, t.0 as u8, t.1 as u8
+                )
+            },
+            || blas.gemm(t, mnk, alpha, a, b, beta, c, batch),
+        )
     }
 
-    /// `v` as a GEMM operand at `precision`: itself (f32), or a bf16 copy in scratch `slot`.
+    /// `v` as a GEMM operand at `precision`: itself (f32), or a bf16 copy in an operand slot,
+    /// reused when the same range was converted since the last write ([`OperandMemo`]).
     fn operand(
         &self,
         sc: &mut Scratch,
-        slot: Slot,
         v: u64,
         len: usize,
         precision: Precision,
     ) -> Result<(u64, i32)> {
-        match precision {
-            Precision::F32 => Ok((v, R_32F)),
-            Precision::Bf16 => {
-                let dst = sc.get(&self.inner, slot, 2 * len)?;
-                self.ew("k_to_bf16", len, &[v, dst], &[])?;
-                Ok((dst, R_16BF))
-            }
+        if precision == Precision::F32 {
+            return Ok((v, R_32F));
         }
+        let epoch = self.inner.writes.load(Ordering::Relaxed);
+        let mut memo = self
+            .inner
+            .memo
+            .lock()
+            .map_err(|_| ComputeError::kernel("operand memo lock poisoned by a panic"))?;
+        memo.tick += 1;
+        let tick = memo.tick;
+        memo.entries.retain(|e| e.epoch == epoch);
+        if let Some(e) = memo.entries.iter_mut().find(|e| e.src == v && e.len == len) {
+            e.used = tick;
+            let slot = Slot::Operand(e.slot);
+            let ptr = sc.get(&self.inner, slot, 2 * len)?;
+            return Ok((ptr, R_16BF));
+        }
+        // A free slot, else the least recently used one (never the other operand of this
+        // GEMM: it was used a tick ago).
+        let slot = (0..OPERAND_SLOTS as u8)
+            .find(|i| memo.entries.iter().all(|e| e.slot != *i))
+            .unwrap_or_else(|| {
+                memo.entries
+                    .iter()
+                    .min_by_key(|e| e.used)
+                    .map_or(0, |e| e.slot)
+            });
+        memo.entries.retain(|e| e.slot != slot);
+        drop(memo);
+        let dst = sc.get(&self.inner, Slot::Operand(slot), 2 * len)?;
+        self.to_bf16(v, dst, len)?;
+        // Epoch after the conversion: growing the slot (a free) bumps it.
+        let epoch = self.inner.writes.load(Ordering::Relaxed);
+        if let Ok(mut memo) = self.inner.memo.lock() {
+            memo.entries.push(MemoEntry {
+                src: v,
+                len,
+                slot,
+                epoch,
+                used: tick,
+            });
+        }
+        Ok((dst, R_16BF))
+    }
+
+    /// `len` f32 at `src` rounded to bf16 at `dst`: quads by vector loads where the addresses
+    /// allow, the rest one by one.
+    fn to_bf16(&self, src: u64, dst: u64, len: usize) -> Result<()> {
+        let quads = if src.is_multiple_of(16) && dst.is_multiple_of(8) {
+            len / 4
+        } else {
+            0
+        };
+        self.ew("k_to_bf16_x4", quads, &[src, dst], &[])?;
+        let done = 4 * quads;
+        self.ew(
+            "k_to_bf16",
+            len - done,
+            &[src + 4 * done as u64, dst + 2 * done as u64],
+            &[],
+        )
     }
 
     /// A weight of the flat buffer as a GEMM operand: f32 in place, or its bf16 shadow.
@@ -574,10 +764,19 @@ impl Cuda {
             return Ok(());
         }
         self.inner.bind()?;
-        // SAFETY: both ranges are live device memory of `bytes` bytes (checked by callers).
-        ck(
-            unsafe { (self.inner.drv.cuMemcpyDtoDAsync)(dst, src, bytes, self.inner.stream.raw()) },
-            "device copy",
+        self.inner.bump_writes();
+        self.inner.timed(
+            || "device copy".into(),
+            || {
+                // SAFETY: both ranges are live device memory of `bytes` bytes (checked by
+                // callers).
+                ck(
+                    unsafe {
+                        (self.inner.drv.cuMemcpyDtoDAsync)(dst, src, bytes, self.inner.stream.raw())
+                    },
+                    "device copy",
+                )
+            },
         )
     }
 
@@ -586,6 +785,7 @@ impl Cuda {
             return Ok(());
         }
         self.inner.bind()?;
+        self.inner.bump_writes();
         // SAFETY: `src` is a live host range and `dst` device memory of `bytes` bytes. From
         // pageable memory the copy is staged before this returns, so `src` may be freed after.
         ck(
@@ -1465,8 +1665,8 @@ impl Backend for Cuda {
         check_len("gemm", "b", b.len, g.k * g.n)?;
         check_len("gemm", "c", c.len, g.m * g.n)?;
         let mut sc = self.scratch()?;
-        let ao = self.operand(&mut sc, Slot::OperandA, a.ptr, a.len, g.precision)?;
-        let bo = self.operand(&mut sc, Slot::OperandB, b.ptr, b.len, g.precision)?;
+        let ao = self.operand(&mut sc, a.ptr, a.len, g.precision)?;
+        let bo = self.operand(&mut sc, b.ptr, b.len, g.precision)?;
         self.blas_gemm(
             (g.ta, g.tb),
             (g.m, g.n, g.k),
@@ -1508,7 +1708,7 @@ impl Backend for Cuda {
                     });
                 }
                 let dst = w.bf16.as_ref().map(|b| b.ptr).unwrap_or(0);
-                self.ew("k_to_bf16", need, &[params.ptr, dst], &[])?;
+                self.to_bf16(params.ptr, dst, need)?;
             }
         }
         Ok(())
@@ -1525,9 +1725,10 @@ impl Backend for Cuda {
 
     fn scratch_bytes(&self, s: ScratchShape) -> u64 {
         let (bf, esz, _) = dtype(s.precision);
-        // bf16 operand copies: the largest activation (the MLP's) and the logit chunk.
+        // bf16 operand copies, each slot at most the largest activation (the MLP's) or the logit
+        // chunk.
         let operands = if bf {
-            (2 * (4 * s.width * s.rows).max(s.vocab * s.logit_rows)) as u64 * 2
+            (OPERAND_SLOTS * (4 * s.width * s.rows).max(s.vocab * s.logit_rows)) as u64 * 2
         } else {
             0
         };
@@ -1561,7 +1762,7 @@ impl Backend for Cuda {
         check_len("linear", "y", y.len, rows * out)?;
         let wo = self.weight_operand(&w, precision)?;
         let mut sc = self.scratch()?;
-        let xo = self.operand(&mut sc, Slot::OperandA, x.ptr, x.len, precision)?;
+        let xo = self.operand(&mut sc, x.ptr, x.len, precision)?;
         let beta = if accumulate { 1.0 } else { 0.0 };
         self.blas_gemm(
             (false, true),
@@ -1589,7 +1790,7 @@ impl Backend for Cuda {
         check_len("linear_bwd_input", "dx", dx.len, rows * inp)?;
         let wo = self.weight_operand(&w, precision)?;
         let mut sc = self.scratch()?;
-        let go = self.operand(&mut sc, Slot::OperandA, dy.ptr, dy.len, precision)?;
+        let go = self.operand(&mut sc, dy.ptr, dy.len, precision)?;
         let beta = if accumulate { 1.0 } else { 0.0 };
         self.blas_gemm(
             (false, false),
@@ -1617,8 +1818,8 @@ impl Backend for Cuda {
         check_len("linear_bwd_weight", "x", x.len, rows * inp)?;
         check_len("linear_bwd_weight", "dw", dw.len, out * inp)?;
         let mut sc = self.scratch()?;
-        let go = self.operand(&mut sc, Slot::OperandA, dy.ptr, dy.len, precision)?;
-        let xo = self.operand(&mut sc, Slot::OperandB, x.ptr, x.len, precision)?;
+        let go = self.operand(&mut sc, dy.ptr, dy.len, precision)?;
+        let xo = self.operand(&mut sc, x.ptr, x.len, precision)?;
         self.blas_gemm(
             (true, false),
             (out, inp, rows),

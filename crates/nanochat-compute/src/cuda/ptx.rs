@@ -133,6 +133,9 @@ fn addr(dst: &str, base: &str, idx: &str) -> String {
 /// (`add`/`max`), in shared array `red`; every thread ends with the result in `v`. Uses
 /// `%r40..%r42`, `%p15`, `%f46..47` / `%fd14..15`.
 fn tree_reduce(v: &str, ty: &str, op: &str, threads: u32) -> String {
+    if ty == "f32" && threads >= 32 && threads.is_multiple_of(32) {
+        return warp_reduce(v, op, threads);
+    }
     let (size, a, b) = if ty == "f64" {
         (8, "%fd14", "%fd15")
     } else {
@@ -158,6 +161,37 @@ fn tree_reduce(v: &str, ty: &str, op: &str, threads: u32) -> String {
         step /= 2;
     }
     let _ = writeln!(s, "    ld.shared.{ty} {v}, [%r40];\n    bar.sync 0;");
+    s
+}
+
+/// [`tree_reduce`] for f32: butterfly shuffles within each warp, the warps' results through
+/// shared memory, and a second butterfly that every warp runs, so all threads end with the
+/// total after two barriers (the shared-memory tree took two per halving). The order is fixed:
+/// deterministic run to run.
+fn warp_reduce(v: &str, op: &str, threads: u32) -> String {
+    let (opi, identity) = match op {
+        "add" => ("add.rn.f32", "0f00000000"),
+        _ => ("max.f32", "0fFF800000"),
+    };
+    let butterfly = |s: &mut String, from: u32| {
+        let mut lane = from;
+        while lane >= 1 {
+            let _ = writeln!(
+                s,
+                "    shfl.sync.bfly.b32 %f46, {v}, {lane}, 31, -1;\n    {opi} {v}, {v}, %f46;"
+            );
+            lane /= 2;
+        }
+    };
+    let warps = threads / 32;
+    let mut s = String::new();
+    butterfly(&mut s, 16);
+    let _ = writeln!(
+        s,
+        "    mov.u32 %r40, red;\n    and.b32 %r42, %tx, 31;\n    shr.u32 %r41, %tx, 5;\n    mad.lo.u32 %r41, %r41, 4, %r40;\n    setp.eq.u32 %p15, %r42, 0;\n    @%p15 st.shared.f32 [%r41], {v};\n    bar.sync 0;\n    setp.lt.u32 %p15, %r42, {warps};\n    mov.f32 {v}, {identity};\n    mad.lo.u32 %r41, %r42, 4, %r40;\n    @%p15 ld.shared.f32 {v}, [%r41];"
+    );
+    butterfly(&mut s, warps / 2);
+    s.push_str("    bar.sync 0;\n");
     s
 }
 
@@ -282,6 +316,17 @@ fn elementwise_kernels(m: &mut String) {
         &["src", "dst"],
         &[],
         "    ld.global.f32 %f1, [%a_src];\n    cvt.rn.bf16.f32 %hb, %f1;\n    add.u64 %rd1, %dst, %off2;\n    st.global.b16 [%rd1], %hb;\n",
+    );
+    // Four at a time (`n` counts quads; 16-byte aligned source, 8-byte aligned destination):
+    // one vector load and store per thread, the conversion's share of HBM bandwidth.
+    elementwise(
+        m,
+        "k_to_bf16_x4",
+        &["src", "dst"],
+        &[],
+        "    mul.wide.u32 %rd1, %gid, 16;\n    add.u64 %rd1, %src, %rd1;\n    ld.global.v4.f32 {%f1, %f2, %f3, %f4}, [%rd1];\n\
+    cvt.rn.bf16x2.f32 %r1, %f2, %f1;\n    cvt.rn.bf16x2.f32 %r2, %f4, %f3;\n\
+    mul.wide.u32 %rd2, %gid, 8;\n    add.u64 %rd2, %dst, %rd2;\n    st.global.v2.b32 [%rd2], {%r1, %r2};\n",
     );
     // x ← rnd(x / rnd(rnd(√Σx²) + eps)), Σx² (f64) read from the device.
     elementwise(
@@ -696,6 +741,7 @@ pub const KERNELS: &[&str] = &[
     "k_muon_momentum",
     "k_adamw",
     "k_to_bf16",
+    "k_to_bf16_x4",
     "k_frob_scale",
     "k_copy_rows",
     "k_gather_rows",
