@@ -164,6 +164,7 @@ impl<B: Backend> KvCache<B> {
             layers: 1,
             with_grad: false,
             causal: false,
+            device: model.backend().kind(),
         })?;
         self.work = Some(DecodeWork {
             tokens: cap,

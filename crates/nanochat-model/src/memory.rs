@@ -108,6 +108,7 @@ pub fn estimate_memory_on<B: Backend>(
                 layers: cfg.n_layer,
                 with_grad: true,
                 causal: true,
+                device: backend.kind(),
             };
             e.activations = crate::plan::activation_bytes(cfg, pass);
             let vp = cfg.padded_vocab_size();
@@ -118,7 +119,7 @@ pub fn estimate_memory_on<B: Backend>(
                 head_dim: cfg.head_dim(),
                 width: cfg.n_embd,
                 vocab: vp,
-                logit_rows: logit_chunk_rows(vp, batch * seq, true),
+                logit_rows: logit_chunk_rows(vp, batch * seq, true, backend.kind()),
                 precision,
             });
         }
@@ -132,6 +133,7 @@ pub fn estimate_memory_on<B: Backend>(
                 layers: 1,
                 with_grad: false,
                 causal: false,
+                device: backend.kind(),
             };
             e.activations = crate::plan::activation_bytes(cfg, pass);
         }

@@ -3,7 +3,7 @@
 
 use std::sync::{Mutex, RwLock, RwLockReadGuard};
 
-use nanochat_compute::{Backend, Cpu, Precision, WeightSlot};
+use nanochat_compute::{Backend, Cpu, DeviceKind, Precision, WeightSlot};
 use rayon::prelude::*;
 
 use crate::config::GptConfig;
@@ -593,7 +593,13 @@ impl<B: Backend> Gpt<B> {
             Some(a) if a.fits(b, t, with_grad) => Ok(a),
             other => {
                 drop(other);
-                self.new_acts(full_pass(self.cfg.n_layer, b, t, with_grad))
+                self.new_acts(full_pass(
+                    self.backend.kind(),
+                    self.cfg.n_layer,
+                    b,
+                    t,
+                    with_grad,
+                ))
             }
         }
     }
@@ -692,7 +698,13 @@ impl<B: Backend> Gpt<B> {
             .filter(|a| a.fits(b, t, false) && !a.with_grad);
         let mut acts = match cached {
             Some(a) => a,
-            None => self.new_acts(full_pass(self.cfg.n_layer, b, t, false))?,
+            None => self.new_acts(full_pass(
+                self.backend.kind(),
+                self.cfg.n_layer,
+                b,
+                t,
+                false,
+            ))?,
         };
         let out = f(&mut acts);
         if let Ok(mut slot) = self.eval_acts.lock() {
@@ -757,13 +769,20 @@ impl<B: Backend> Gpt<B> {
 }
 
 /// The buffers of a full-sequence pass over every layer.
-pub(crate) fn full_pass(layers: usize, b: usize, t: usize, with_grad: bool) -> PassShape {
+pub(crate) fn full_pass(
+    device: DeviceKind,
+    layers: usize,
+    b: usize,
+    t: usize,
+    with_grad: bool,
+) -> PassShape {
     PassShape {
         b,
         t,
         layers,
         with_grad,
         causal: true,
+        device,
     }
 }
 

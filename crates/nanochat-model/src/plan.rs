@@ -3,16 +3,30 @@
 
 use crate::config::GptConfig;
 use crate::error::Result;
+use nanochat_compute::DeviceKind;
 
 /// Rows of the logits matrix materialised at once in the fused lm_head + loss: bounds the
-/// logits memory whatever the batch (PyTorch holds all of them, several times over). With
-/// gradients, ~128 MB: every chunk streams the whole lm_head weight for `dX` and re-reads and
-/// re-writes its whole gradient for `dW`, so 1024 rows instead of 256 at vocab 32768 made the
-/// d8 bf16 step 5–9% faster. Forward-only (evaluation), ~32 MB: no weight gradient to
-/// amortize, and fresh pages cost page faults.
-pub(crate) fn logit_chunk_rows(padded_vocab: usize, rows: usize, with_grad: bool) -> usize {
-    let budget = if with_grad { 32 << 20 } else { 8 << 20 };
-    (budget / padded_vocab).clamp(64, 1024).min(rows).max(1)
+/// logits memory whatever the batch (PyTorch holds all of them, several times over). Every
+/// chunk streams the whole lm_head weight for `dX` and re-reads and re-writes its whole
+/// gradient for `dW`, so fewer, larger chunks are faster while they fit.
+/// - CPU with gradients, ~128 MB: 1024 rows instead of 256 at vocab 32768 made the d8 bf16
+///   step 5–9% faster. Forward-only (evaluation), ~32 MB: no weight gradient to amortize, and
+///   fresh pages cost page faults.
+/// - GPU, ~1 GB (4096 rows at vocab 65536): at 512 rows the d12 step spent 24 ms re-reading and
+///   re-writing the f32 lm_head gradient (128 chunks, each a full pass over it at HBM speed).
+pub(crate) fn logit_chunk_rows(
+    padded_vocab: usize,
+    rows: usize,
+    with_grad: bool,
+    device: DeviceKind,
+) -> usize {
+    let (budget, max_rows) = match (device, with_grad) {
+        (DeviceKind::Cpu, true) => (32 << 20, 1024),
+        (DeviceKind::Cpu, false) => (8 << 20, 1024),
+        (DeviceKind::Cuda, true) => (256 << 20, 8192),
+        (DeviceKind::Cuda, false) => (64 << 20, 8192),
+    };
+    (budget / padded_vocab).clamp(64, max_rows).min(rows).max(1)
 }
 
 /// Saved activations of one transformer block (training), or the reused buffers of the block
@@ -81,6 +95,8 @@ pub(crate) struct PassShape {
     pub(crate) with_grad: bool,
     /// Whether the attention saves its log-sum-exp (full-sequence attention).
     pub(crate) causal: bool,
+    /// The backend's kind (the logits chunk is sized per device).
+    pub(crate) device: DeviceKind,
 }
 
 impl<T, I> Activations<T, I> {
@@ -96,7 +112,7 @@ impl<T, I> Activations<T, I> {
         let kd = cfg.n_kv_head * cfg.head_dim();
         let ff = 4 * c;
         let vp = cfg.padded_vocab_size();
-        let logit_rows = logit_chunk_rows(vp, n, s.with_grad);
+        let logit_rows = logit_chunk_rows(vp, n, s.with_grad, s.device);
         let mut layers = Vec::with_capacity(s.layers);
         for _ in 0..s.layers {
             layers.push(LayerActs {
