@@ -603,3 +603,39 @@ fn interrupted_eval_resumes_from_task_checkpoints() {
     r.unwrap();
     assert_eq!(calls, clean_calls);
 }
+
+#[test]
+fn run_info_names_the_gpu_that_trained_a_model_before_the_host_cpu() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("pretrain/data");
+    let run = root.path().join("pretrain/run");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::create_dir_all(&run).unwrap();
+    std::fs::write(
+        run.join("record.json"),
+        r#"{"machine": {"host": "gpubox", "cpu": "Some CPU", "cpus": 16}}"#,
+    )
+    .unwrap();
+    let telemetry = |device: &str| {
+        std::fs::write(
+            run.join("telemetry.json"),
+            format!(
+                r#"{{"mean_tok_per_s": 300000.0, "threads": 16, "matmul_precision": "bf16", "device": "{device}"}}"#
+            ),
+        )
+        .unwrap();
+        report::run_info(&data)
+    };
+    let gpu = telemetry("cuda:0 (NVIDIA H200, 140 GiB, sm_90, cuBLAS libcublas.so.13)");
+    assert_eq!(
+        gpu.device.as_deref(),
+        Some("cuda:0 (NVIDIA H200, 140 GiB, sm_90, cuBLAS libcublas.so.13), Some CPU (16 CPUs), 16 threads, bf16 matmuls")
+    );
+    assert_eq!(gpu.tok_per_s, Some(300000.0));
+    // A CPU run names the CPU once (the record's), not the backend's description too.
+    let cpu = telemetry("cpu (Some CPU, 16 threads, avx2)");
+    assert_eq!(
+        cpu.device.as_deref(),
+        Some("Some CPU (16 CPUs), 16 threads, bf16 matmuls")
+    );
+}

@@ -382,6 +382,7 @@ fn write_telemetry(
     timing_path: &Path,
     state: &TrainState,
     cfg: &LoopConfig,
+    device: &str,
 ) -> Result<(), TrainError> {
     let timings = std::fs::read(timing_path).map_err(io(timing_path))?;
     write_atomic(&run.join(TIMING_FILE), &timings)?;
@@ -397,6 +398,7 @@ fn write_telemetry(
         "mean_tok_per_s": (!rates.is_empty()).then(|| rates.iter().sum::<f64>() / rates.len() as f64),
         "threads": rayon::current_num_threads(),
         "matmul_precision": cfg.matmul_precision,
+        "device": device,
     });
     write_atomic(
         &run.join("telemetry.json"),
@@ -914,7 +916,7 @@ pub fn train<B: Backend>(
             .as_bytes(),
     )?;
     if let Some(run) = &job.dirs.run {
-        write_telemetry(run, &timing_path, &state, cfg)?;
+        write_telemetry(run, &timing_path, &state, cfg, &model.backend().describe())?;
     }
     Ok(Outcome::Finished {
         val_bpb: last_val,

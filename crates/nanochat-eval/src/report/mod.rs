@@ -256,6 +256,12 @@ pub fn run_info(input_dir: &Path) -> RunInfo {
     let str_at = |v: &Value, p: &str| v.pointer(p).and_then(Value::as_str).map(str::to_string);
     let f64_at = |v: &Value, p: &str| v.pointer(p).and_then(Value::as_f64);
     let mut device = Vec::new();
+    // The backend that ran the stage (trainers write it): a GPU is named first, with the host's
+    // CPU after it.
+    let backend = str_at(&telemetry, "/device").filter(|d| !d.is_empty());
+    if let Some(gpu) = backend.as_ref().filter(|d| !d.starts_with("cpu")) {
+        device.push(gpu.clone());
+    }
     if let Some(cpu) = str_at(&record, "/machine/cpu").filter(|c| !c.is_empty()) {
         match record.pointer("/machine/cpus").and_then(Value::as_u64) {
             Some(n) => device.push(format!("{cpu} ({n} CPUs)")),
