@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU tests: every CUDA op against the CPU backend, the GPT on the GPU against the
 # reference fixture and the CPU, checkpoints across devices. They skip with a notice where no
-# GPU can be opened, so `cargo test` elsewhere stays green.
+# GPU can be opened, so `cargo test` elsewhere stays green. Training: a 200-step loss curve
+# against the CPU's and a bit-identical resume from a GPU checkpoint (nanochat-train).
 #
 #   scripts/gpu-tests.sh                 build with --features cuda and run here (needs a GPU)
 #   scripts/gpu-tests.sh --build DIR     build the test executables into DIR (no GPU needed)
@@ -12,7 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CC=/bin/false CXX=/bin/false
-PKGS=(-p nanochat-compute -p nanochat-model)
+PKGS=(-p nanochat-compute -p nanochat-model -p nanochat-train)
 
 build_into() {
   local dir="$1"
@@ -25,7 +26,7 @@ for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
         name = m["target"]["name"]
-        if name in ("cuda_parity", "cuda"):
+        if name in ("cuda_parity", "cuda", "cuda_training"):
             out = os.path.join(dest, "test-" + m["package_id"].split("#")[0].rsplit("/", 1)[-1] + "-" + name)
             shutil.copy(m["executable"], out)
             print(out)
@@ -47,6 +48,7 @@ case "${1:-}" in
   "")
     cargo test --release --features cuda -p nanochat-compute --test cuda_parity -- --test-threads=1 --nocapture
     cargo test --release --features cuda -p nanochat-model --test cuda -- --test-threads=1 --nocapture
+    cargo test --release --features cuda -p nanochat-train --test cuda_training -- --test-threads=1 --nocapture
     ;;
   *) echo "usage: $0 [--build DIR | --run DIR]" >&2; exit 2 ;;
 esac
