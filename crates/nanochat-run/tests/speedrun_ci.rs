@@ -79,7 +79,7 @@ fn graph(file: &str) -> Graph {
 }
 
 #[test]
-fn the_speedrun_names_every_stage_and_its_ci_copy_and_the_tiny_pipeline_share_its_graph() {
+fn the_speedrun_names_every_stage_and_its_ci_copy_and_the_tiny_and_gpu_pipelines_share_its_graph() {
     let speedrun = graph("speedrun.yaml");
     let names: Vec<&str> = speedrun.0.keys().map(String::as_str).collect();
     for stage in [
@@ -98,6 +98,7 @@ fn the_speedrun_names_every_stage_and_its_ci_copy_and_the_tiny_pipeline_share_it
     assert_eq!(speedrun.1, "sft", "the speedrun serves its SFT model");
     assert_eq!(graph("speedrun-ci.yaml"), speedrun);
     assert_eq!(graph("tiny.yaml").0, speedrun.0);
+    assert_eq!(graph("gpu-smoke.yaml").0, speedrun.0);
 }
 
 struct Ci {
