@@ -1,12 +1,13 @@
 """PyTorch peer of crates/nanochat-engine/examples/bench_engine.rs: the reference nanochat
-Engine (commit 48abd7d) on a randomly initialised GPT, CPU, 2 threads. Times the first token
+Engine (commit 48abd7d) on a randomly initialised GPT, CPU with 2 threads (or DEVICE=cuda: one
+GPU, bf16 autocast as the reference's chat scripts run it). Times the first token
 (batch-1 prefill of the prompt + first sample) and the decode rate of `Engine.generate` with
 num_samples=BATCH (one prefill, KV cache replicated per sample), greedy. One JSON line.
 
-usage: NANOCHAT_SRC=/work/ref/nanochat python3 bench_engine_torch.py \
+usage: [DEVICE=cuda] NANOCHAT_SRC=/work/ref/nanochat python3 bench_engine_torch.py \
            DEPTH SEQ VOCAB BATCH [PROMPT_LEN=16] [NEW_TOKENS=128] [REPEATS=2]
 """
-import json, os, sys, time
+import contextlib, json, os, sys, time
 
 os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
 import torch
@@ -42,8 +43,11 @@ dim = depth * 64
 heads = max(1, (dim + 127) // 128)
 cfg = GPTConfig(sequence_len=seq, vocab_size=vocab, n_layer=depth, n_head=heads, n_kv_head=heads, n_embd=dim)
 torch.manual_seed(0)
-model = GPT(cfg)
+device = os.environ.get("DEVICE", "cpu")
+model = GPT(cfg).to(device)
 model.init_weights()
+autocast = (torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16)
+            if device.startswith("cuda") else contextlib.nullcontext())
 model.eval()
 engine = Engine(model, OpaqueTokenizer())
 prompt = [(i * 7919 + 13) % vocab for i in range(prompt_len)]
@@ -53,10 +57,11 @@ for run in range(repeats + 1):
     t0 = time.time()
     first = None
     tokens = 0
-    for column, _masks in engine.generate(prompt, num_samples=batch, max_tokens=new_tokens, temperature=0.0):
-        tokens += len(column)
-        if first is None:
-            first = time.time() - t0
+    with autocast:
+        for column, _masks in engine.generate(prompt, num_samples=batch, max_tokens=new_tokens, temperature=0.0):
+            tokens += len(column)
+            if first is None:
+                first = time.time() - t0
     total = time.time() - t0
     decode_tps = (tokens - batch) / (total - first)
     if run > 0 and (best is None or total < best[2]):
@@ -68,4 +73,4 @@ print(json.dumps(dict(impl="torch", depth=depth, seq=seq, vocab=vocab, batch=bat
                       threads=torch.get_num_threads(), ttft_s=round(ttft, 4),
                       decode_tokens_per_s=round(decode_tps, 1),
                       decode_tokens_per_s_per_seq=round(decode_tps / batch, 1), total_s=round(total, 3),
-                      torch=torch.__version__)))
+                      device=device, torch=torch.__version__)))

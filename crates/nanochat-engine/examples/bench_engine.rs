@@ -5,12 +5,14 @@
 //! usage: cargo run --release -p nanochat-engine --example bench_engine -- \
 //!            DEPTH SEQ VOCAB BATCH [PROMPT_LEN=16] [NEW_TOKENS=128] [REPEATS=2]
 //! Peer: scripts/bench_engine_torch.py with the same arguments (scripts/bench-engine.sh runs both).
+//! `NANOCHAT_DEVICE=cuda` (a build with `--features cuda`) runs it on a GPU; the peer takes
+//! `DEVICE=cuda`.
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use nanochat_engine::{Engine, SamplingParams, TokenCodec};
-use nanochat_model::{Gpt, GptConfig};
+use nanochat_engine::{DeviceGpt, Engine, SamplingParams, TokenCodec};
+use nanochat_model::{Device, Gpt, GptConfig};
 
 /// No tokenizer is needed to time generation: ids are opaque and nothing is special, so no row
 /// stops early.
@@ -47,8 +49,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (prompt_len, new_tokens, repeats) =
         (arg(&args, 4, 16), arg(&args, 5, 128), arg(&args, 6, 2));
     let cfg = GptConfig::from_depth(depth, vocab, seq)?;
-    let gpt = Gpt::new(cfg, 0)?;
+    let device: Device = std::env::var("NANOCHAT_DEVICE")
+        .unwrap_or_else(|_| "cpu".into())
+        .parse()?;
+    let gpt = DeviceGpt::on(Gpt::new(cfg, 0)?, device)?;
     let params = gpt.config().num_params();
+    let described = gpt.describe();
     let engine = Engine::new(Arc::new(gpt), Arc::new(OpaqueCodec));
     let prompt: Vec<u32> = (0..prompt_len as u32)
         .map(|i| (i * 7919 + 13) % vocab as u32)
@@ -81,7 +87,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "{{\"impl\":\"rust\",\"depth\":{depth},\"seq\":{seq},\"vocab\":{vocab},\"batch\":{batch},\
          \"prompt_len\":{prompt_len},\"new_tokens\":{new_tokens},\"params\":{params},\
          \"threads\":{},\"ttft_s\":{ttft:.4},\"decode_tokens_per_s\":{decode_tps:.1},\
-         \"decode_tokens_per_s_per_seq\":{:.1},\"total_s\":{total:.3}}}",
+         \"decode_tokens_per_s_per_seq\":{:.1},\"total_s\":{total:.3},\"device\":{described:?}}}",
         rayon_threads(),
         decode_tps / batch as f64
     );
