@@ -133,9 +133,6 @@ fn addr(dst: &str, base: &str, idx: &str) -> String {
 /// (`add`/`max`), in shared array `red`; every thread ends with the result in `v`. Uses
 /// `%r40..%r42`, `%p15`, `%f46..47` / `%fd14..15`.
 fn tree_reduce(v: &str, ty: &str, op: &str, threads: u32) -> String {
-    if ty == "f32" && threads >= 32 && threads.is_multiple_of(32) {
-        return warp_reduce(v, op, threads);
-    }
     let (size, a, b) = if ty == "f64" {
         (8, "%fd14", "%fd15")
     } else {
@@ -161,37 +158,6 @@ fn tree_reduce(v: &str, ty: &str, op: &str, threads: u32) -> String {
         step /= 2;
     }
     let _ = writeln!(s, "    ld.shared.{ty} {v}, [%r40];\n    bar.sync 0;");
-    s
-}
-
-/// [`tree_reduce`] for f32: butterfly shuffles within each warp, the warps' results through
-/// shared memory, and a second butterfly that every warp runs, so all threads end with the
-/// total after two barriers (the shared-memory tree took two per halving). The order is fixed:
-/// deterministic run to run.
-fn warp_reduce(v: &str, op: &str, threads: u32) -> String {
-    let (opi, identity) = match op {
-        "add" => ("add.rn.f32", "0f00000000"),
-        _ => ("max.f32", "0fFF800000"),
-    };
-    let butterfly = |s: &mut String, from: u32| {
-        let mut lane = from;
-        while lane >= 1 {
-            let _ = writeln!(
-                s,
-                "    shfl.sync.bfly.b32 %f46, {v}, {lane}, 31, -1;\n    {opi} {v}, {v}, %f46;"
-            );
-            lane /= 2;
-        }
-    };
-    let warps = threads / 32;
-    let mut s = String::new();
-    butterfly(&mut s, 16);
-    let _ = writeln!(
-        s,
-        "    mov.u32 %r40, red;\n    and.b32 %r42, %tx, 31;\n    shr.u32 %r41, %tx, 5;\n    mad.lo.u32 %r41, %r41, 4, %r40;\n    setp.eq.u32 %p15, %r42, 0;\n    @%p15 st.shared.f32 [%r41], {v};\n    bar.sync 0;\n    setp.lt.u32 %p15, %r42, {warps};\n    mov.f32 {v}, {identity};\n    mad.lo.u32 %r41, %r42, 4, %r40;\n    @%p15 ld.shared.f32 {v}, [%r41];"
-    );
-    butterfly(&mut s, warps / 2);
-    s.push_str("    bar.sync 0;\n");
     s
 }
 
