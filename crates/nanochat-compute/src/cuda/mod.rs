@@ -68,7 +68,7 @@ struct Inner {
     workspace: u64,
     profile: Option<Mutex<Profile>>,
     /// Bumped by everything that may write device memory other than cuBLAS (kernels, copies,
-    /// allocations): a memoised bf16 operand is valid only within the epoch it was made in.
+    /// frees): a memoised bf16 operand is valid only within the epoch it was made in.
     writes: AtomicU64,
     /// bf16 copies of f32 buffers in the operand slots (see [`Cuda::operand`]).
     memo: Mutex<OperandMemo>,
