@@ -530,6 +530,34 @@ pub trait Backend: Clone + Send + Sync + Sized + 'static {
     ) -> Result<()>;
     /// `x = rnd(x)` (round to nearest-even bf16, kept in f32).
     fn round_bf16(&self, x: Self::ViewMut<'_>) -> Result<()>;
+
+    // ---- interop ----
+
+    /// Hands the device memory behind `x` to `f` (for libraries that read and write device
+    /// memory themselves: NCCL), with this backend's context current on the thread and its
+    /// stream named, so that what `f` enqueues there is ordered with the backend's own work.
+    /// Returns `None` without calling `f` where buffers are host memory (the caller then uses
+    /// the view directly). The backend treats `x` as written afterwards.
+    fn with_device_memory<R>(
+        &self,
+        x: Self::ViewMut<'_>,
+        f: impl FnOnce(DeviceMemory) -> R,
+    ) -> Result<Option<R>> {
+        let _ = (x, f);
+        Ok(None)
+    }
+}
+
+/// A range of f32 in device memory and the stream that orders its use (see
+/// [`Backend::with_device_memory`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceMemory {
+    /// Device address of the first element.
+    pub ptr: u64,
+    /// Number of f32 elements.
+    pub len: usize,
+    /// The backend's stream (`CUstream`, which is also a `cudaStream_t`).
+    pub stream: u64,
 }
 
 /// What the op scratch of a training micro-batch depends on (see [`Backend::scratch_bytes`]).

@@ -28,8 +28,8 @@ pub mod host;
 pub mod ptx;
 
 pub use backend::{
-    prefix, prefix_mut, AdamWStep, AttnShape, Backend, DecodeShape, DeviceKind, Gemm, ScratchShape,
-    WeightRef, WeightSlot,
+    prefix, prefix_mut, AdamWStep, AttnShape, Backend, DecodeShape, DeviceKind, DeviceMemory, Gemm,
+    ScratchShape, WeightRef, WeightSlot,
 };
 pub use cpu::Cpu;
 pub use device::{with_backend, BackendTask, Device};

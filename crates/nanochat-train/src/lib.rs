@@ -3,6 +3,7 @@
 #![warn(missing_docs)]
 
 pub mod chat_stage;
+pub mod grad_sync;
 pub mod optim;
 pub mod process;
 pub mod schedule;

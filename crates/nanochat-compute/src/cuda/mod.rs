@@ -1098,6 +1098,22 @@ impl Backend for Cuda {
         self.inner.sync()
     }
 
+    fn with_device_memory<R>(
+        &self,
+        x: DViewMut<'_, f32>,
+        f: impl FnOnce(crate::DeviceMemory) -> R,
+    ) -> Result<Option<R>> {
+        self.inner.bind()?;
+        let out = f(crate::DeviceMemory {
+            ptr: x.ptr,
+            len: x.len,
+            stream: self.inner.stream.raw() as u64,
+        });
+        // Whatever `f` enqueued may have written `x`: memoised bf16 copies are stale.
+        self.inner.bump_writes();
+        Ok(Some(out))
+    }
+
     fn fill(&self, x: DViewMut<'_, f32>, value: f32) -> Result<()> {
         self.ew("k_fill", x.len, &[x.ptr], &[Arg::F(value)])
     }
