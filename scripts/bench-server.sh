@@ -9,12 +9,16 @@
 #   tiny  crates/nanochat-inference/testdata/tiny-chat (trained, depth 1, vocab 512);
 #   d8    a random-init depth-8 model (n_embd 512, vocab 65,536 BPE, context 2048), written
 #         once by the make_test_model example into $NANOCHAT_BENCH_MODELS (default
-#         $CARGO_TARGET_DIR/bench-models); speed does not depend on the weights' values.
+#         $CARGO_TARGET_DIR/bench-models); speed does not depend on the weights' values;
+#   d20   the same at depth 20 (n_embd 1280: the speedrun's model), for GPUs.
 # Every request streams (include_usage), temperature 0.8 without a seed (never a cache hit).
 #
 # Usage: scripts/bench-server.sh [models...]     (default: fake tiny d8)
 # Env: BENCH_REQUESTS (per client, default 2), BENCH_MAX_TOKENS (default 32),
-#      BENCH_MAX_SECS (bound on one concurrency level, default 120).
+#      BENCH_MAX_SECS (bound on one concurrency level, default 120),
+#      BENCH_SERVER_ARGS (more server flags, e.g. "--device cuda"),
+#      BENCH_BIN_DIR (prebuilt nanochat-inference, loadgen and make_test_model: no cargo,
+#      for a GPU machine without a toolchain).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target="${CARGO_TARGET_DIR:-target}"
@@ -25,27 +29,35 @@ max_secs="${BENCH_MAX_SECS:-120}"
 models=("$@")
 [[ ${#models[@]} -gt 0 ]] || models=(fake tiny d8)
 
-cargo build --release -q -p nanochat-inference --bin nanochat-inference \
-  --example loadgen --example make_test_model
-bin="$target/release/nanochat-inference"
-loadgen="$target/release/examples/loadgen"
+if [[ -n "${BENCH_BIN_DIR:-}" ]]; then
+  bin="$BENCH_BIN_DIR/nanochat-inference"
+  loadgen="$BENCH_BIN_DIR/loadgen"
+  make_model="$BENCH_BIN_DIR/make_test_model"
+else
+  cargo build --release -q -p nanochat-inference --bin nanochat-inference \
+    --example loadgen --example make_test_model
+  bin="$target/release/nanochat-inference"
+  loadgen="$target/release/examples/loadgen"
+  make_model="$target/release/examples/make_test_model"
+fi
 
 model_args() {
   case "$1" in
     fake) echo "--fake --fake-step-ms 5" ;;
     tiny) echo "--model crates/nanochat-inference/testdata/tiny-chat" ;;
-    d8)
-      if [[ ! -f "$models_dir/d8/model.safetensors" ]]; then
+    d8 | d20)
+      local depth=${1#d}
+      if [[ ! -f "$models_dir/$1/model.safetensors" ]]; then
         local corpus=../shared/data/corpus/shard_00000.jsonl.gz
         [[ -f "$corpus" ]] || corpus=data/sample/corpus/shard_00000.jsonl.gz
-        echo "bench-server: writing the d8 model to $models_dir/d8 (once)" >&2
-        rm -rf "$models_dir/d8.tmp"
-        "$target/release/examples/make_test_model" --depth 8 --seq-len 2048 --vocab 65536 \
-          --corpus "$corpus" --out "$models_dir/d8.tmp" >&2
-        mv "$models_dir/d8.tmp" "$models_dir/d8"
+        echo "bench-server: writing the $1 model to $models_dir/$1 (once)" >&2
+        rm -rf "$models_dir/$1.tmp"
+        "$make_model" --depth "$depth" --seq-len 2048 --vocab 65536 \
+          --corpus "$corpus" --out "$models_dir/$1.tmp" >&2
+        mv "$models_dir/$1.tmp" "$models_dir/$1"
       fi
-      echo "--model $models_dir/d8" ;;
-    *) echo "bench-server: unknown model $1 (fake, tiny, d8)" >&2; return 1 ;;
+      echo "--model $models_dir/$1" ;;
+    *) echo "bench-server: unknown model $1 (fake, tiny, d8, d20)" >&2; return 1 ;;
   esac
 }
 
@@ -63,7 +75,7 @@ for m in "${models[@]}"; do
   port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
   log=$(mktemp)
   # shellcheck disable=SC2086
-  "$bin" $args --host 127.0.0.1 --port "$port" --queue-capacity 256 2>"$log" &
+  "$bin" $args ${BENCH_SERVER_ARGS:-} --host 127.0.0.1 --port "$port" --queue-capacity 256 2>"$log" &
   server=$!
   for _ in $(seq 1 600); do
     if curl -sf "http://127.0.0.1:$port/health" 2>/dev/null | grep -q '"ready":true'; then break; fi
