@@ -15,7 +15,6 @@
 
 use std::ops::Range;
 
-use crate::nccl::DeviceCollective;
 use crate::DistError;
 
 /// How values from the ranks combine.
@@ -58,11 +57,6 @@ pub trait Collective: Send {
     /// stop now rather than at their next collective. Later calls fail.
     fn abort(&mut self, reason: &str) {
         let _ = reason;
-    }
-    /// The operations on device memory, where this collective has them (NCCL): training then
-    /// reduces gradients where they live instead of staging them through host memory.
-    fn device(&mut self) -> Option<&mut dyn DeviceCollective> {
-        None
     }
 }
 

@@ -6,9 +6,9 @@
 //!   broadcast, barrier), each leaving every rank with bit-identical results;
 //! - [`LocalCollective`] (a world of one) and [`TcpCollective`] (CPU ranks over a TCP ring,
 //!   with a rendezvous at `MASTER_ADDR:MASTER_PORT` and fault detection);
-//! - [`NcclCollective`] for CUDA ranks: `libnccl.so.2` loaded at run time, its unique id
-//!   exchanged with [`Collective::broadcast_bytes`] over the host collective, gradients reduced
-//!   on the device ([`DeviceCollective`]).
+//! - [`NcclComm`] for CUDA ranks: `libnccl.so.2` loaded at run time, its unique id exchanged
+//!   with [`Collective::broadcast_bytes`] over the host collective, gradients reduced on the
+//!   device ([`DeviceCollective`]).
 #![warn(missing_docs)]
 
 mod collective;
@@ -22,7 +22,7 @@ pub use collective::{shard_range, Collective, LocalCollective, ReduceOp};
 pub use env::{DistEnv, Launcher, DEFAULT_MASTER_PORT};
 pub use error::DistError;
 pub use hostlist::{expand_hostlist, expand_tasks_per_node, first_host};
-pub use nccl::{DeviceCollective, DeviceRegion, NcclCollective};
+pub use nccl::{DeviceCollective, DeviceRegion, NcclComm};
 pub use tcp::{TcpCollective, TcpOptions};
 
 /// The collective for `env`: [`LocalCollective`] for a world of one, else a [`TcpCollective`]
@@ -35,11 +35,4 @@ pub fn connect(env: &DistEnv) -> Result<Box<dyn Collective>, DistError> {
         env,
         TcpOptions::from_env()?,
     )?))
-}
-
-/// The collective of a CUDA rank: [`connect`]'s host collective (also for a world of one, so
-/// that one GPU runs the code path of many) with an NCCL communicator on top. Call with the
-/// rank's GPU context current on the thread.
-pub fn connect_nccl(env: &DistEnv) -> Result<NcclCollective, DistError> {
-    NcclCollective::connect(connect(env)?)
 }

@@ -218,7 +218,9 @@ pub struct DeviceRegion {
 
 /// Collective operations on device memory (NCCL), enqueued on the region's stream: they return
 /// once enqueued, and the stream orders them with the kernels around them.
-pub trait DeviceCollective {
+pub trait DeviceCollective: Send {
+    /// Number of ranks.
+    fn world_size(&self) -> usize;
     /// In-place all-reduce of `region`.
     ///
     /// # Safety
@@ -254,23 +256,25 @@ pub trait DeviceCollective {
     ) -> Result<(), DistError>;
 }
 
-/// A CUDA rank's collective: NCCL for device memory, the host collective it was built on for
-/// host memory (rendezvous, scalars, barriers).
-pub struct NcclCollective {
-    host: Box<dyn Collective>,
+/// A CUDA rank's NCCL communicator: the device-memory side of its collective. The host side
+/// (rendezvous, scalars, barriers) stays with the [`Collective`] it was made through.
+pub struct NcclComm {
     lib: &'static NcclLib,
     comm: Comm,
+    rank: usize,
+    world: usize,
     aborted: bool,
 }
 
 // SAFETY: an NCCL communicator may be used from any thread, one call at a time (`&mut self`).
-unsafe impl Send for NcclCollective {}
+unsafe impl Send for NcclComm {}
 
-impl NcclCollective {
-    /// Makes this rank's NCCL communicator: rank 0 draws the unique id, `host` broadcasts it,
-    /// every rank joins. Call with the CUDA context of this rank's GPU current on the thread
-    /// (the compute backend's), as NCCL binds the communicator to the current device.
-    pub fn connect(mut host: Box<dyn Collective>) -> Result<NcclCollective, DistError> {
+impl NcclComm {
+    /// Makes this rank's communicator: rank 0 draws the unique id, `host` broadcasts it, every
+    /// rank joins. Call with the CUDA context of this rank's GPU current on the thread (the
+    /// compute backend's), as NCCL binds the communicator to the current device. On failure
+    /// the host collective is aborted, so the other ranks stop too.
+    pub fn connect(host: &mut dyn Collective) -> Result<NcclComm, DistError> {
         let (rank, world) = (host.rank(), host.world_size());
         let lib = match load() {
             Ok(lib) => lib,
@@ -305,14 +309,28 @@ impl NcclCollective {
         let mut comm: Comm = std::ptr::null_mut();
         // SAFETY: `comm` receives the communicator; `id` is the job's id.
         let rc = unsafe { (lib.comm_init_rank)(&mut comm, world as c_int, id, rank as c_int) };
-        lib.check(rc, "ncclCommInitRank", rank, world)?;
+        if let Err(e) = lib.check(rc, "ncclCommInitRank", rank, world) {
+            host.abort(&format!("rank {rank} could not join the NCCL communicator"));
+            return Err(e);
+        }
         tracing::info!(rank, world, nccl = lib.version, path = %lib.path, "NCCL communicator up");
-        Ok(NcclCollective {
-            host,
+        Ok(NcclComm {
             lib,
             comm,
+            rank,
+            world,
             aborted: false,
         })
+    }
+
+    /// This rank.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// Number of ranks.
+    pub fn world_size(&self) -> usize {
+        self.world
     }
 
     /// NCCL's version code (`major·10000 + minor·100 + patch`) and the file it came from.
@@ -320,15 +338,25 @@ impl NcclCollective {
         (self.lib.version, &self.lib.path)
     }
 
+    /// Aborts the communicator: operations in flight return, later ones fail. For a rank that
+    /// is failing, so that no other rank waits in NCCL for it.
+    pub fn abort(&mut self) {
+        if !self.aborted {
+            self.aborted = true;
+            // SAFETY: live communicator; abort makes pending operations return.
+            unsafe { (self.lib.comm_abort)(self.comm) };
+        }
+    }
+
     fn check(&mut self, rc: NcclResult, what: &str) -> Result<(), DistError> {
+        let (rank, world) = (self.rank, self.world);
         if self.aborted {
             return Err(DistError::Peer {
-                rank: self.rank(),
-                world: self.world_size(),
+                rank,
+                world,
                 reason: "the NCCL communicator was aborted".into(),
             });
         }
-        let (rank, world) = (self.rank(), self.world_size());
         self.lib.check(rc, what, rank, world)?;
         // Errors of operations already enqueued (a peer's network failure) surface here.
         let mut pending: NcclResult = 0;
@@ -346,7 +374,11 @@ impl NcclCollective {
     }
 }
 
-impl DeviceCollective for NcclCollective {
+impl DeviceCollective for NcclComm {
+    fn world_size(&self) -> usize {
+        self.world
+    }
+
     unsafe fn all_reduce_device(&mut self, r: DeviceRegion, op: ReduceOp) -> Result<(), DistError> {
         let p = r.ptr as *mut c_void;
         let rc = (self.lib.all_reduce)(
@@ -366,7 +398,7 @@ impl DeviceCollective for NcclCollective {
         r: DeviceRegion,
         op: ReduceOp,
     ) -> Result<Range<usize>, DistError> {
-        let shard = shard_range(r.len, self.world_size(), self.rank())?;
+        let shard = shard_range(r.len, self.world, self.rank)?;
         // In place, as NCCL defines it: the output is this rank's shard of the input.
         let send = r.ptr as *const c_void;
         let recv = (r.ptr + 4 * shard.start as u64) as *mut c_void;
@@ -384,7 +416,7 @@ impl DeviceCollective for NcclCollective {
     }
 
     unsafe fn all_gather_device(&mut self, r: DeviceRegion) -> Result<(), DistError> {
-        let shard = shard_range(r.len, self.world_size(), self.rank())?;
+        let shard = shard_range(r.len, self.world, self.rank)?;
         let send = (r.ptr + 4 * shard.start as u64) as *const c_void;
         let rc = (self.lib.all_gather)(
             send,
@@ -398,7 +430,7 @@ impl DeviceCollective for NcclCollective {
     }
 
     unsafe fn broadcast_device(&mut self, r: DeviceRegion, root: usize) -> Result<(), DistError> {
-        crate::collective::check_root(root, self.world_size())?;
+        crate::collective::check_root(root, self.world)?;
         let p = r.ptr as *mut c_void;
         let rc = (self.lib.broadcast)(
             p,
@@ -413,51 +445,7 @@ impl DeviceCollective for NcclCollective {
     }
 }
 
-impl Collective for NcclCollective {
-    fn rank(&self) -> usize {
-        self.host.rank()
-    }
-    fn world_size(&self) -> usize {
-        self.host.world_size()
-    }
-    fn backend(&self) -> &'static str {
-        "nccl"
-    }
-    fn all_reduce(&mut self, buf: &mut [f32], op: ReduceOp) -> Result<(), DistError> {
-        self.host.all_reduce(buf, op)
-    }
-    fn all_reduce_f64(&mut self, buf: &mut [f64], op: ReduceOp) -> Result<(), DistError> {
-        self.host.all_reduce_f64(buf, op)
-    }
-    fn reduce_scatter(&mut self, buf: &mut [f32], op: ReduceOp) -> Result<Range<usize>, DistError> {
-        self.host.reduce_scatter(buf, op)
-    }
-    fn all_gather(&mut self, buf: &mut [f32]) -> Result<(), DistError> {
-        self.host.all_gather(buf)
-    }
-    fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<(), DistError> {
-        self.host.broadcast(buf, root)
-    }
-    fn broadcast_bytes(&mut self, buf: &mut Vec<u8>, root: usize) -> Result<(), DistError> {
-        self.host.broadcast_bytes(buf, root)
-    }
-    fn barrier(&mut self) -> Result<(), DistError> {
-        self.host.barrier()
-    }
-    fn abort(&mut self, reason: &str) {
-        if !self.aborted {
-            self.aborted = true;
-            // SAFETY: live communicator; abort makes pending operations return.
-            unsafe { (self.lib.comm_abort)(self.comm) };
-        }
-        self.host.abort(reason);
-    }
-    fn device(&mut self) -> Option<&mut dyn DeviceCollective> {
-        Some(self)
-    }
-}
-
-impl Drop for NcclCollective {
+impl Drop for NcclComm {
     fn drop(&mut self) {
         if !self.aborted {
             // SAFETY: live communicator, destroyed once.
@@ -497,7 +485,7 @@ mod tests {
             );
             return;
         }
-        let e = NcclCollective::connect(Box::new(crate::LocalCollective))
+        let e = NcclComm::connect(&mut crate::LocalCollective)
             .err()
             .expect("no NCCL here")
             .to_string();

@@ -2,12 +2,15 @@
 //! gradient buffer (as llm.c does), where the gradients live.
 //!
 //! - With a device collective (CUDA + NCCL): on the device, enqueued on the backend's stream
-//!   right behind the backward pass; no host round trip.
-//! - Otherwise: through a host copy of the buffer (on the CPU backend a memcpy each way,
-//!   small beside the TCP ring's transfers).
+//!   right behind the backward pass; no host round trip. A world of one still makes the call,
+//!   so one GPU runs the code path of many.
+//! - CPU backend: in place on the host buffer, through the host collective.
+//! - Another device backend without a device collective: through a host copy of the buffer.
+//! - A world of one without a device collective: nothing, so that path stays bit for bit the
+//!   single-process one.
 
-use nanochat_dist::{Collective, DeviceRegion, ReduceOp};
-use nanochat_model::{Backend, Gpt};
+use nanochat_dist::{Collective, DeviceCollective, DeviceRegion, ReduceOp};
+use nanochat_model::{Backend, Cpu, Gpt};
 
 use crate::TrainError;
 
@@ -15,17 +18,16 @@ fn dist_err(e: nanochat_dist::DistError) -> TrainError {
     TrainError::Config(format!("gradient all-reduce: {e}"))
 }
 
-/// Averages the gradients of `model` across the ranks of `dist` (a no-op for a world of one
-/// without a device collective). Every rank ends with the same bits.
+/// Averages the gradients of `model` across the ranks (see the module docs for which path).
+/// `host` is reused scratch for the host-copy path. Every rank ends with the same bits.
 pub fn all_reduce_gradients<B: Backend>(
     model: &mut Gpt<B>,
-    dist: &mut dyn Collective,
+    coll: &mut dyn Collective,
+    device: Option<&mut dyn DeviceCollective>,
+    host: &mut Vec<f32>,
 ) -> Result<(), TrainError> {
-    if dist.world_size() == 1 && dist.device().is_none() {
-        return Ok(());
-    }
-    let backend = model.backend().clone();
-    if let Some(dev) = dist.device() {
+    if let Some(dev) = device {
+        let backend = model.backend().clone();
         let grads = model.grads_view_mut()?;
         let done = backend
             .with_device_memory(grads, |m| {
@@ -42,17 +44,26 @@ pub fn all_reduce_gradients<B: Backend>(
         if let Some(r) = done {
             return r.map_err(dist_err);
         }
+        // Host memory after all: fall through to the host collective.
     }
-    let grads = model.grads_view_mut()?;
-    let n = B::len_mut(&grads);
-    let mut host = vec![0.0f32; n];
+    if coll.world_size() == 1 {
+        return Ok(());
+    }
+    if let Some(cpu) = (model as &mut dyn std::any::Any).downcast_mut::<Gpt<Cpu>>() {
+        let grads = cpu
+            .grads_flat_mut()
+            .ok_or_else(|| TrainError::Optimizer("gradients missing after backward".into()))?;
+        return coll.all_reduce(grads, ReduceOp::Avg).map_err(dist_err);
+    }
+    let backend = model.backend().clone();
+    let mut view = model.grads_view_mut()?;
+    host.resize(B::len_mut(&view), 0.0);
     backend
-        .download(B::as_view(&grads), &mut host)
+        .download(B::as_view(&view), host)
         .map_err(nanochat_model::ModelError::from)?;
-    dist.all_reduce(&mut host, ReduceOp::Avg)
-        .map_err(dist_err)?;
+    coll.all_reduce(host, ReduceOp::Avg).map_err(dist_err)?;
     backend
-        .upload(&host, grads)
+        .upload(host, B::reborrow(&mut view))
         .map_err(nanochat_model::ModelError::from)?;
     Ok(())
 }
