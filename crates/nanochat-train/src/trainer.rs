@@ -7,6 +7,13 @@
 //! on interruption. A run resumes from the newest checkpoint that loads, skipping broken ones
 //! with a warning; with the same thread count the result is bit-identical to an uninterrupted
 //! run, because every piece of state that influences the weights is saved exactly.
+//!
+//! Data parallelism goes through the job's [`Collective`]: each rank accumulates its share of
+//! the micro-batches, one all-reduce averages the flat gradient buffer (bit-identical on every
+//! rank), and every rank then clips and steps the same replica. Loss and bits-per-byte are
+//! reduced over the ranks; rank 0 alone writes checkpoints (holding every rank's data
+//! position), metrics and the output. A world of one makes no collective call at all, so that
+//! path is exactly the single-process loop.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
