@@ -2,7 +2,8 @@
 # Data-parallel scaling of CPU ranks on this machine: nanochat-pretrain on the embedded sample
 # corpus at 1 rank (THREADS threads) and at 2 ranks (THREADS/2 threads each, started by hand
 # with torchrun's variables, TcpCollective over 127.0.0.1), same model and same total batch.
-# Prints the median tokens/s (whole job, rank 0's timing.jsonl, steps 3..STEPS) of each.
+# Prints the median tokens/s (whole job, rank 0's timing.jsonl, steps 3..STEPS) of each, and
+# at 2 ranks the median share of the step spent in the gradient all-reduce.
 #   scripts/bench-dist.sh      (env: DEPTH=4 SEQ=256 BATCH=4 ACCUM=2 STEPS=20 THREADS=2 KEEP=DIR)
 # ACCUM is the micro-batches per step at one rank (at two ranks each runs ACCUM/2).
 set -euo pipefail
@@ -33,8 +34,10 @@ EOF
 median() {
   python3 - "$1" <<'PY'
 import json, statistics, sys
-rates = [t["tok_per_s"] for t in map(json.loads, open(sys.argv[1])) if t["step"] > 2]
-print(f"{statistics.median(rates):.0f}")
+lines = [t for t in map(json.loads, open(sys.argv[1])) if t["step"] > 2]
+rate = statistics.median(t["tok_per_s"] for t in lines)
+comm = [t["allreduce_seconds"] / t["seconds"] for t in lines if "allreduce_seconds" in t]
+print(f"{rate:.0f} tok/s" + (f", gradient all-reduce {100 * statistics.median(comm):.1f} % of the step" if comm else ""))
 PY
 }
 run_ranks() {
@@ -59,5 +62,5 @@ run_ranks() {
 one=$(run_ranks 1 "$THREADS")
 two=$(run_ranks 2 "$((THREADS / 2))")
 echo "d$DEPTH seq $SEQ device batch $BATCH, total batch $((BATCH * SEQ * ACCUM)) tokens, $STEPS steps"
-echo "1 rank  x $THREADS threads: $one tok/s"
-echo "2 ranks x $((THREADS / 2)) threads: $two tok/s ($(python3 -c "print(f'{$two / $one:.2f}')")x)"
+echo "1 rank  x $THREADS threads: $one"
+echo "2 ranks x $((THREADS / 2)) threads: $two (median over steps 3..$STEPS; load: $(cut -d' ' -f1-3 /proc/loadavg))"

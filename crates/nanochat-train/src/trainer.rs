@@ -350,6 +350,9 @@ pub struct TimingLine {
     /// Model FLOPs utilisation (when `peak_flops` is set).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mfu: Option<f64>,
+    /// Seconds of the step spent in the gradient all-reduce (runs of several ranks only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allreduce_seconds: Option<f64>,
 }
 
 /// Where a run keeps its files.
@@ -1020,7 +1023,9 @@ impl Run<'_> {
             }
             // Each rank holds the mean gradient of its micro-batches; their average is the
             // gradient of the whole step's batch (bit-identical on every rank).
+            let t_comm = Instant::now();
             all_reduce_grads(&mut model, coll, &mut grad_host)?;
+            let allreduce_seconds = (world > 1).then(|| t_comm.elapsed().as_secs_f64());
             let lrm = schedule.multiplier(step);
             opt.set_muon_momentum(muon_momentum_at(step));
             // Clipping reads the global norm back once; the optimizer step reads nothing.
@@ -1072,6 +1077,7 @@ impl Run<'_> {
                     seconds: dt,
                     tok_per_s,
                     mfu,
+                    allreduce_seconds,
                 })?;
             }
             if cfg.save_every > 0
