@@ -8,9 +8,10 @@
 #
 # What it checks: srun starts 2 tasks, each reads SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID and
 # the first host of SLURM_JOB_NODELIST, they meet at the rendezvous and all-reduce, rank 0's
-# output is published; a failing task fails the stage.
-# The stage is nanochat-run's `dist_toy_stage` example (the trainer's data-parallel step lands
-# with the compute seam; switch this to the tiny pretrain config then).
+# output is published; a failing task fails the stage; Ctrl-C stops every task. The stage is
+# nanochat-run's `dist_toy_stage` example, then the real thing: a tiny pretrain (data ->
+# tokenizer -> pretrain) with 2 Slurm tasks, whose weights must be bit-identical to the same
+# pipeline run with `ranks: 2` on this machine (same world size, same threads per rank).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -21,11 +22,13 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 if [ -z "${BIN_DIR:-}" ]; then
-  cargo build --release -p nanochat-run --bins --examples
-  BIN_DIR=target/release
+  cargo build --release -p nanochat-run --bins --examples \
+    -p nanochat-data -p nanochat-tokenizer-stage -p nanochat-pretrain
+  BIN_DIR=${CARGO_TARGET_DIR:-target}/release
 fi
 BIN_DIR=$(cd "$BIN_DIR" && pwd)
-for b in "$BIN_DIR/nanochat-run" "$BIN_DIR/examples/dist_toy_stage"; do
+for b in "$BIN_DIR/nanochat-run" "$BIN_DIR/examples/dist_toy_stage" "$BIN_DIR/nanochat-data" \
+  "$BIN_DIR/nanochat-tokenizer" "$BIN_DIR/nanochat-pretrain"; do
   [ -x "$b" ] || { echo "slurm-test: $b is not built" >&2; exit 2; }
 done
 
@@ -161,3 +164,48 @@ for t in 0 1; do
     || { echo "slurm-test: Ctrl-C: task $t was not interrupted gracefully:"; echo "$ILOG"; exit 1; } >&2
 done
 echo "slurm-test: Ctrl-C stops every task gracefully in ${took}s: ok"
+
+# The tiny pretrain through srun, 2 tasks, against the same pipeline at `ranks: 2` locally.
+mkdir -p "$WORK/pt/source/corpus" "$WORK/pt/pipelines"
+for s in a b val; do
+  for i in $(seq 80); do
+    echo "{\"text\": \"Shard $s line $i: the quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs.\"}"
+  done >"$WORK/pt/source/corpus/$s.jsonl"
+done
+pretrain_yaml() {
+  cat <<EOF3
+stages:
+  data:
+    run: nanochat-data
+    config: { source: $WORK/pt/source }
+  tokenizer:
+    run: nanochat-tokenizer
+    config: { vocab_size: 300 }
+    inputs: { corpus: data }
+  pretrain:
+    run: nanochat-pretrain
+    $1
+    config:
+      seed: 3
+      threads: 1
+      model: { depth: 1, sequence_len: 32 }
+      train: { device_batch_size: 2, total_batch_size: 256, num_iterations: 20, save_every: 5, eval_every: 10, eval_batches: 2 }
+    inputs: { corpus: data, tokenizer: tokenizer }
+EOF3
+}
+pretrain_yaml "launcher: { kind: slurm, nodes: 1, ranks_per_node: 2, srun_args: [--overcommit] }" >"$WORK/pt/pipelines/pt-slurm.yaml"
+pretrain_yaml "ranks: 2" >"$WORK/pt/pipelines/pt-local.yaml"
+cd "$WORK/pt"
+export NANOCHAT_BIN_DIR="$BIN_DIR"
+"$BIN_DIR/nanochat-run" --store "$WORK/pt/slurm-store" pt-slurm
+"$BIN_DIR/nanochat-run" --store "$WORK/pt/local-store" pt-local
+PLOG=$(cat "$WORK"/pt/slurm-store/objects/*/*/data/pretrain.log)
+for t in 0 1; do
+  echo "$PLOG" | grep -q "^$t: .*data-parallel training" \
+    || { echo "slurm-test: pretrain task $t did not train as rank $t of 2:"; echo "$PLOG"; exit 1; } >&2
+done
+weights() { find "$1/objects" -path '*/data/model/model.safetensors' -exec sha256sum {} + | awk '{print $1}' | sort -u; }
+SW=$(weights "$WORK/pt/slurm-store"); LW=$(weights "$WORK/pt/local-store")
+[ -n "$SW" ] && [ "$SW" = "$LW" ] \
+  || { echo "slurm-test: pretrain weights under srun ($SW) differ from ranks: 2 ($LW)" >&2; exit 1; }
+echo "slurm-test: tiny pretrain with 2 Slurm tasks: same weights as ranks: 2: ok"

@@ -55,10 +55,10 @@ struct DataSection {
     #[serde(default = "default_prefetch")]
     prefetch: usize,
     /// Which slice of the data this process reads: documents `rank, rank + world_size, …` of
-    /// every shard (training and validation), nanochat's data-parallel sharding. Only the
-    /// reading: this process does not talk to other ranks (no gradient exchange), so a value
-    /// other than 0 of 1 trains on a 1/`world_size` slice. A data-parallel launcher will set
-    /// these per process. Must be < `world_size`.
+    /// every shard (training and validation), nanochat's data-parallel sharding. For a single
+    /// process that trains on a 1/`world_size` slice by itself; a data-parallel run (`ranks:`,
+    /// Slurm, `RANK`/`WORLD_SIZE`) takes both from its launcher instead, and these must then
+    /// stay unset. Must be < `world_size`.
     #[serde(default)]
     rank: usize,
     /// Number of slices the data is cut into (1: this process reads everything).
@@ -77,6 +77,24 @@ impl Default for DataSection {
 }
 
 impl DataSection {
+    /// `(rank, world_size)` of the slice this process reads: the launcher's in a data-parallel
+    /// run, else the config's.
+    fn slice(&self, dist: &nanochat_dist::DistEnv) -> Result<(usize, usize)> {
+        if !dist.is_distributed() {
+            return Ok((self.rank, self.world_size));
+        }
+        if self.rank != 0 || self.world_size != 1 {
+            anyhow::bail!(
+                "[data] rank = {} / world_size = {} in a run of {} ranks: the launcher gives every \
+                 rank its slice of the data; remove rank and world_size from [data]",
+                self.rank,
+                self.world_size,
+                dist.world_size
+            );
+        }
+        Ok((dist.rank, dist.world_size))
+    }
+
     fn validate(&self) -> Result<()> {
         if self.world_size == 0 || self.rank >= self.world_size {
             anyhow::bail!(
@@ -106,8 +124,13 @@ fn run(ctx: &StageContext) -> Result<i32> {
     cfg.data
         .validate()
         .with_context(|| format!("{}", ctx.config_path().display()))?;
-    process::refuse_multi_rank()?;
+    let dist = process::dist_env()?;
+    let (data_rank, data_world) = cfg
+        .data
+        .slice(&dist)
+        .with_context(|| format!("{}", ctx.config_path().display()))?;
     process::set_threads(cfg.threads)?;
+    let mut collective = process::collective_for(&dist, cfg.train.device)?;
     let tok_dir = ctx.input("tokenizer")?;
     let tokenizer = Arc::new(
         Tokenizer::load(tok_dir)
@@ -137,8 +160,8 @@ fn run(ctx: &StageContext) -> Result<i32> {
         shards,
         b,
         t,
-        rank: cfg.data.rank,
-        world_size: cfg.data.world_size,
+        rank: data_rank,
+        world_size: data_world,
         prefetch: cfg.data.prefetch,
     };
     let dump = parity_dump::ParityDump::from_env()?;
@@ -174,6 +197,7 @@ fn run(ctx: &StageContext) -> Result<i32> {
         },
         meta: CheckpointMeta::new(0),
         interrupted: &stage::interrupted,
+        collective: collective.as_mut(),
     };
     let outcome = train_on_device(job, model, &mut make_train, &mut make_val)?;
     Ok(process::exit_code(outcome, "pretraining"))

@@ -75,8 +75,11 @@ pub fn run_chat_stage(kind: ChatStageKind, ctx: &StageContext) -> Result<i32, Tr
     let cfg: ChatStageConfig = ctx
         .config()
         .map_err(|e| TrainError::Config(e.to_string()))?;
-    crate::process::refuse_multi_rank()?;
+    let dist = crate::process::dist_env()?;
     crate::process::set_threads(cfg.threads)?;
+    let mut collective = crate::process::collective_for(&dist, cfg.train.device)?;
+    // Each rank reads every `world`-th conversation, starting at its rank.
+    let (rank, world) = (dist.rank, dist.world_size);
     let input = |n: &str| {
         ctx.input(n)
             .map(|p| p.to_path_buf())
@@ -113,8 +116,8 @@ pub fn run_chat_stage(kind: ChatStageKind, ctx: &StageContext) -> Result<i32, Tr
     let mut make_train = move |state: Option<nanochat_data::PackerState>| -> Result<Box<dyn BatchSource>, TrainError> {
         let cursor = state.as_ref().map(TaskCursor::from_packer_state);
         Ok(match kind {
-            ChatStageKind::Midtrain => Box::new(StreamBatches::new(tt.clone(), tk.clone(), b, t, 0, 1, cursor)?),
-            ChatStageKind::Sft => Box::new(PaddedBatches::new(tt.clone(), tk.clone(), b, max_tokens, 0, 1, cursor)?),
+            ChatStageKind::Midtrain => Box::new(StreamBatches::new(tt.clone(), tk.clone(), b, t, rank, world, cursor)?),
+            ChatStageKind::Sft => Box::new(PaddedBatches::new(tt.clone(), tk.clone(), b, max_tokens, rank, world, cursor)?),
         })
     };
     let tk2 = tokenizer.clone();
@@ -125,8 +128,8 @@ pub fn run_chat_stage(kind: ChatStageKind, ctx: &StageContext) -> Result<i32, Tr
                 tk2.clone(),
                 b,
                 t,
-                0,
-                1,
+                rank,
+                world,
                 None,
             )?),
             ChatStageKind::Sft => Box::new(PaddedBatches::new(
@@ -134,8 +137,8 @@ pub fn run_chat_stage(kind: ChatStageKind, ctx: &StageContext) -> Result<i32, Tr
                 tk2.clone(),
                 b,
                 max_tokens,
-                0,
-                1,
+                rank,
+                world,
                 None,
             )?),
         })
@@ -153,6 +156,7 @@ pub fn run_chat_stage(kind: ChatStageKind, ctx: &StageContext) -> Result<i32, Tr
         },
         meta,
         interrupted: &stage::interrupted,
+        collective: collective.as_mut(),
     };
     let outcome = train_on_device(job, model, &mut make_train, &mut make_val)?;
     Ok(crate::process::exit_code(outcome, &format!("{kind:?}")))

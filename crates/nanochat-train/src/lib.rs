@@ -56,4 +56,11 @@ pub enum TrainError {
     /// Writing a file durably failed, or an input artifact is not what the stage needs.
     #[error(transparent)]
     Store(#[from] nanochat_artifacts::Error),
+    /// The ranks of a data-parallel run could not meet, or a collective failed (a peer died,
+    /// aborted or stopped answering; the message names it).
+    #[error(transparent)]
+    Dist(#[from] nanochat_dist::DistError),
+    /// The ranks of a data-parallel run disagree (different checkpoints, weights or configs).
+    #[error("ranks disagree: {0}")]
+    RankMismatch(String),
 }

@@ -1,8 +1,11 @@
 //! Process-level pieces shared by `nanochat-pretrain`, `nanochat-midtrain` and `nanochat-sft`
-//! (each a `nanochat_artifacts::stage::run_main`): the worker pool, and the exit code of a run
-//! (0 when finished; 130/143 when a signal stopped it after a checkpoint).
+//! (each a `nanochat_artifacts::stage::run_main`): the worker pool, this process's place in a
+//! data-parallel job and the collective joining it to the other ranks, and the exit code of a
+//! run (0 when finished; 130/143 when a signal stopped it after a checkpoint).
 
 use nanochat_artifacts::stage;
+use nanochat_dist::{Collective, DistEnv, LocalCollective, TcpCollective, TcpOptions};
+use nanochat_model::Device;
 
 use crate::trainer::Outcome;
 use crate::TrainError;
@@ -19,27 +22,39 @@ pub fn set_threads(threads: usize) -> Result<(), TrainError> {
     Ok(())
 }
 
-/// Fails when the launcher started this stage as one rank of several (`RANK`/`WORLD_SIZE`,
-/// or Slurm's variables, as `nanochat-run` sets them for `ranks: N`): the trainer does not
-/// average gradients across ranks yet, so N ranks would train N unrelated models into one
-/// work dir. Until it does, data-parallel runs are refused rather than silently wrong.
-pub fn refuse_multi_rank() -> Result<(), TrainError> {
-    refuse_multi_rank_in(nanochat_dist::DistEnv::from_env())
+/// Who this process is in the job, from the variables torchrun, Slurm or `nanochat-run`
+/// (`ranks: N`) give it; a world of one without them.
+pub fn dist_env() -> Result<DistEnv, TrainError> {
+    Ok(DistEnv::from_env()?)
 }
 
-fn refuse_multi_rank_in(
-    env: Result<nanochat_dist::DistEnv, nanochat_dist::DistError>,
-) -> Result<(), TrainError> {
-    let env = env.map_err(|e| TrainError::Config(e.to_string()))?;
-    if env.is_distributed() {
-        return Err(TrainError::Config(format!(
-            "started as rank {} of {} ({:?} launcher), but the training stages do not yet average \
-             gradients across ranks (issue #14); run this stage with one rank (drop `ranks:` / \
-             `launcher:`, or unset RANK and WORLD_SIZE)",
-            env.rank, env.world_size, env.launcher
-        )));
+/// The collective that joins this rank to the others of `env`, for training on `device`:
+/// [`LocalCollective`] for a world of one, a [`TcpCollective`] (rendezvous at
+/// `MASTER_ADDR:MASTER_PORT`, timeouts from `NANOCHAT_DIST_*`) for CPU ranks. CUDA ranks need
+/// NCCL, which is not there yet: a world of several CUDA ranks is refused with that reason.
+pub fn collective_for(env: &DistEnv, device: Device) -> Result<Box<dyn Collective>, TrainError> {
+    if !env.is_distributed() {
+        return Ok(Box::new(LocalCollective));
     }
-    Ok(())
+    match device {
+        Device::Cpu => {
+            tracing::info!(
+                rank = env.rank,
+                world = env.world_size,
+                master = %format!("{}:{}", env.master_addr, env.master_port),
+                "joining the data-parallel job (TCP collective)"
+            );
+            Ok(Box::new(TcpCollective::connect(env, TcpOptions::from_env()?)?))
+        }
+        // The hook for the NCCL collective: build it here (unique id through the TCP
+        // rendezvous) and the trainer uses it like any other `Collective`.
+        Device::Cuda(_) => Err(TrainError::Config(format!(
+            "started as rank {} of {} with device = \"{device}\", but the NCCL collective is not yet \
+             available for CUDA ranks (issue #14); train on one GPU (drop `ranks:` / `launcher:`, \
+             or unset RANK and WORLD_SIZE), or use CPU ranks (device = \"cpu\")",
+            env.rank, env.world_size
+        ))),
+    }
 }
 
 /// Logs how a run ended and returns the stage's exit code: 0 when it finished, 130 (SIGINT) or
@@ -65,27 +80,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn several_ranks_are_refused_until_the_trainer_averages_gradients() {
-        let vars = |pairs: &'static [(&'static str, &'static str)]| {
-            nanochat_dist::DistEnv::from_vars(move |k| {
-                pairs
-                    .iter()
-                    .find(|(n, _)| *n == k)
-                    .map(|(_, v)| v.to_string())
-            })
+    fn one_rank_is_local_and_several_cuda_ranks_wait_for_nccl() {
+        let single = DistEnv::single();
+        let c = collective_for(&single, Device::Cpu).unwrap();
+        assert_eq!((c.backend(), c.world_size()), ("local", 1));
+        let c = collective_for(&single, Device::Cuda(None)).unwrap();
+        assert_eq!(c.backend(), "local");
+        let two = DistEnv {
+            rank: 1,
+            world_size: 2,
+            ..DistEnv::single()
         };
-        assert!(refuse_multi_rank_in(vars(&[])).is_ok());
-        assert!(refuse_multi_rank_in(vars(&[("RANK", "0"), ("WORLD_SIZE", "1")])).is_ok());
-        let e = refuse_multi_rank_in(vars(&[
-            ("RANK", "1"),
-            ("WORLD_SIZE", "2"),
-            ("MASTER_ADDR", "127.0.0.1"),
-        ]))
-        .unwrap_err()
-        .to_string();
-        assert!(e.contains("rank 1 of 2") && e.contains("one rank"), "{e}");
-        let e = refuse_multi_rank_in(vars(&[("WORLD_SIZE", "2")])).unwrap_err();
-        assert!(e.to_string().contains("RANK is not set"), "{e}");
+        let e = collective_for(&two, Device::Cuda(None))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("rank 1 of 2") && e.contains("NCCL collective is not yet available"),
+            "{e}"
+        );
     }
 
     #[test]

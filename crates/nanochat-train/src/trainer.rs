@@ -7,6 +7,13 @@
 //! on interruption. A run resumes from the newest checkpoint that loads, skipping broken ones
 //! with a warning; with the same thread count the result is bit-identical to an uninterrupted
 //! run, because every piece of state that influences the weights is saved exactly.
+//!
+//! Data parallelism goes through the job's [`Collective`]: each rank accumulates its share of
+//! the micro-batches, one all-reduce averages the flat gradient buffer (bit-identical on every
+//! rank), and every rank then clips and steps the same replica. Loss and bits-per-byte are
+//! reduced over the ranks; rank 0 alone writes checkpoints (holding every rank's data
+//! position), metrics and the output. A world of one makes no collective call at all, so that
+//! path is exactly the single-process loop.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -14,9 +21,10 @@ use std::time::Instant;
 
 use nanochat_data::chat_batches::{PaddedBatches, StreamBatches};
 use nanochat_data::{Batch, DataError, PackerState, PretrainLoader};
+use nanochat_dist::{Collective, ReduceOp};
 use nanochat_model::{
-    load_checkpoint_on, save_checkpoint, Backend, CheckpointMeta, Device, Gpt, MatmulPrecision,
-    Reduction,
+    load_checkpoint_on, save_checkpoint, Backend, CheckpointMeta, Cpu, Device, Gpt,
+    MatmulPrecision, Reduction,
 };
 use nanochat_tokenizer::Tokenizer;
 use safetensors::tensor::TensorView;
@@ -144,7 +152,8 @@ pub struct LoopConfig {
     /// Evaluate validation bits-per-byte every this many steps (0: only at the end).
     #[serde(default)]
     pub eval_every: u64,
-    /// Validation micro-batches per evaluation.
+    /// Validation micro-batches per evaluation, in all (each of N data-parallel ranks runs
+    /// ⌈eval_batches / N⌉ of its own slice).
     #[serde(default = "d_eval_batches")]
     pub eval_batches: usize,
     /// Print greedy samples every this many steps (0: only at the end).
@@ -168,17 +177,41 @@ pub struct LoopConfig {
 }
 
 impl LoopConfig {
-    /// Checks the fields that do not depend on the model.
+    /// Checks the fields that do not depend on the model; returns the micro-batches per step.
     pub fn validate(&self, units_per_micro: usize) -> Result<usize, TrainError> {
+        self.validate_ranks(units_per_micro, 1)
+    }
+
+    /// [`LoopConfig::validate`] for `world` data-parallel ranks: returns the micro-batches each
+    /// rank runs per step, `total_batch_size / (units_per_micro · world)` (nanochat's
+    /// `grad_accum_steps`), which must divide exactly.
+    pub fn validate_ranks(
+        &self,
+        units_per_micro: usize,
+        world: usize,
+    ) -> Result<usize, TrainError> {
         let bad = |m: String| Err(TrainError::Config(m));
         if self.device_batch_size == 0 || units_per_micro == 0 {
             return bad("device_batch_size must be ≥ 1".into());
         }
-        if self.total_batch_size == 0 || !self.total_batch_size.is_multiple_of(units_per_micro) {
-            return bad(format!(
-                "total_batch_size {} must be a positive multiple of one micro-batch ({units_per_micro})",
-                self.total_batch_size
-            ));
+        if world == 0 {
+            return bad("a world of 0 ranks".into());
+        }
+        let per_step = units_per_micro * world;
+        if self.total_batch_size == 0 || !self.total_batch_size.is_multiple_of(per_step) {
+            return bad(if world == 1 {
+                format!(
+                    "total_batch_size {} must be a positive multiple of one micro-batch ({units_per_micro})",
+                    self.total_batch_size
+                )
+            } else {
+                format!(
+                    "total_batch_size {} must be a positive multiple of one micro-batch ({units_per_micro}) \
+                     times the {world} ranks = {per_step}: each rank runs total_batch_size / \
+                     (micro-batch · ranks) micro-batches per step",
+                    self.total_batch_size
+                )
+            });
         }
         if self.num_iterations == 0 {
             return bad(
@@ -198,7 +231,7 @@ impl LoopConfig {
         if self.warmup_ratio + self.warmdown_ratio > 1.0 {
             return bad("warmup_ratio + warmdown_ratio must be ≤ 1".into());
         }
-        Ok(self.total_batch_size / units_per_micro)
+        Ok(self.total_batch_size / per_step)
     }
 
     /// Fills in `num_iterations` from the FLOPs budget or the data:param ratio when it is 0, as
@@ -262,6 +295,10 @@ pub struct TrainState {
     pub train_seconds: f64,
     /// Best validation bits-per-byte seen.
     pub min_val_bpb: Option<f64>,
+    /// Every rank's data position, in rank order, in a checkpoint of a run of several ranks
+    /// (rank 0 gathers them when it saves); empty for one rank, whose position is `data`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rank_data: Vec<Option<PackerState>>,
 }
 
 /// How a run ended.
@@ -313,6 +350,9 @@ pub struct TimingLine {
     /// Model FLOPs utilisation (when `peak_flops` is set).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mfu: Option<f64>,
+    /// Seconds of the step spent in the gradient all-reduce (runs of several ranks only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allreduce_seconds: Option<f64>,
 }
 
 /// Where a run keeps its files.
@@ -383,6 +423,7 @@ fn write_telemetry(
     state: &TrainState,
     cfg: &LoopConfig,
     device: &str,
+    ranks: usize,
 ) -> Result<(), TrainError> {
     let timings = std::fs::read(timing_path).map_err(io(timing_path))?;
     write_atomic(&run.join(TIMING_FILE), &timings)?;
@@ -399,6 +440,7 @@ fn write_telemetry(
         "threads": rayon::current_num_threads(),
         "matmul_precision": cfg.matmul_precision,
         "device": device,
+        "ranks": ranks,
     });
     write_atomic(
         &run.join("telemetry.json"),
@@ -542,6 +584,26 @@ pub fn evaluate_bpb<B: Backend>(
     batches: usize,
     token_bytes: &[u32],
 ) -> Result<f64, TrainError> {
+    bits_per_byte(evaluate_nats_bytes(model, val, batches, token_bytes)?)
+}
+
+/// `[nats, bytes]` of [`evaluate_bpb`] before the division (ranks add theirs up first).
+fn bits_per_byte([nats, bytes]: [f64; 2]) -> Result<f64, TrainError> {
+    if bytes == 0.0 {
+        return Err(TrainError::Config(
+            "validation batches contain no text bytes".into(),
+        ));
+    }
+    Ok(nats / (std::f64::consts::LN_2 * bytes))
+}
+
+/// Summed nats of the real-text targets of `batches` validation batches, and their bytes.
+pub fn evaluate_nats_bytes<B: Backend>(
+    model: &mut Gpt<B>,
+    val: &mut dyn BatchSource,
+    batches: usize,
+    token_bytes: &[u32],
+) -> Result<[f64; 2], TrainError> {
     let mut nats = 0.0f64;
     let mut bytes = 0u64;
     for _ in 0..batches {
@@ -562,12 +624,7 @@ pub fn evaluate_bpb<B: Backend>(
         }
         nats += f64::from(model.loss(&b.inputs, &targets, b.b, b.t, Reduction::Sum)?);
     }
-    if bytes == 0 {
-        return Err(TrainError::Config(
-            "validation batches contain no text bytes".into(),
-        ));
-    }
-    Ok(nats / (std::f64::consts::LN_2 * bytes as f64))
+    Ok([nats, bytes as f64])
 }
 
 /// Greedy continuation of `prompt` (no KV cache: fine for short samples during training).
@@ -609,6 +666,9 @@ pub struct TrainJob<'a> {
     pub meta: CheckpointMeta,
     /// True once the stage should save and stop (SIGINT/SIGTERM).
     pub interrupted: &'a (dyn Fn() -> bool + Sync),
+    /// The ranks this run trains with ([`nanochat_dist::LocalCollective`] for one): gradients
+    /// are averaged over them every step, and only rank 0 writes checkpoints and the output.
+    pub collective: &'a mut dyn Collective,
 }
 
 /// Moves `model` (built on the host, so its initialisation is the same on every device) to
@@ -654,274 +714,625 @@ pub fn train<B: Backend>(
     make_train: &mut dyn FnMut(Option<PackerState>) -> Result<Box<dyn BatchSource>, TrainError>,
     make_val: &mut dyn FnMut() -> Result<Box<dyn BatchSource>, TrainError>,
 ) -> Result<Outcome, TrainError> {
-    let cfg = job.cfg;
-    let accum = cfg.validate(job.units_per_micro)?;
-    std::fs::create_dir_all(&job.dirs.work).map_err(io(&job.dirs.work))?;
-    std::fs::create_dir_all(&job.dirs.out).map_err(io(&job.dirs.out))?;
+    let TrainJob {
+        cfg,
+        units_per_micro,
+        tokenizer,
+        dirs,
+        meta,
+        interrupted,
+        collective,
+    } = job;
+    let run = Run {
+        cfg,
+        units_per_micro,
+        tokenizer,
+        dirs,
+        meta,
+        interrupted,
+    };
+    let result = run.train(collective, model, make_train, make_val);
+    if let Err(e) = &result {
+        // The other ranks would otherwise wait in their next collective until a timeout:
+        // tell them now, with this rank's reason (a no-op for a world of one).
+        collective.abort(&e.to_string());
+    }
+    result
+}
 
-    // Resume from the newest checkpoint that loads.
-    let mut model = model;
-    let mut state = TrainState::default();
-    let mut saved_optim: Option<(Vec<u8>, PathBuf)> = None;
-    let mut ckpts = list_checkpoints(&job.dirs.work);
-    ckpts.sort();
-    for dir in ckpts.iter().rev() {
-        match load_training_checkpoint(model.backend().clone(), dir) {
-            Ok(l) => {
-                if l.model.config() != model.config() {
-                    return Err(TrainError::Checkpoint {
-                        path: dir.clone(),
-                        reason: "model config differs from this run's config".into(),
-                    });
+/// [`TrainJob`] without the collective, which [`train`] keeps for the abort on error.
+struct Run<'a> {
+    cfg: &'a LoopConfig,
+    units_per_micro: usize,
+    tokenizer: &'a Tokenizer,
+    dirs: RunDirs,
+    meta: CheckpointMeta,
+    interrupted: &'a (dyn Fn() -> bool + Sync),
+}
+
+impl Run<'_> {
+    fn train<B: Backend>(
+        self,
+        coll: &mut dyn Collective,
+        model: Gpt<B>,
+        make_train: &mut dyn FnMut(Option<PackerState>) -> Result<Box<dyn BatchSource>, TrainError>,
+        make_val: &mut dyn FnMut() -> Result<Box<dyn BatchSource>, TrainError>,
+    ) -> Result<Outcome, TrainError> {
+        let job = self;
+        let cfg = job.cfg;
+        let (rank, world) = (coll.rank(), coll.world_size());
+        // Rank 0 alone writes into the shared work dir and the stage output; the others only
+        // read the checkpoint it chose.
+        let lead = rank == 0;
+        let accum = cfg.validate_ranks(job.units_per_micro, world)?;
+        if world > 1 {
+            tracing::info!(
+                rank,
+                world,
+                collective = coll.backend(),
+                micro_batches_per_rank = accum,
+                "data-parallel training"
+            );
+        }
+        if lead {
+            std::fs::create_dir_all(&job.dirs.work).map_err(io(&job.dirs.work))?;
+            std::fs::create_dir_all(&job.dirs.out).map_err(io(&job.dirs.out))?;
+        }
+
+        // Resume from the newest checkpoint that loads (rank 0 chooses; every rank loads it).
+        let mut model = model;
+        let mut state = TrainState::default();
+        let mut saved_optim: Option<(Vec<u8>, PathBuf)> = None;
+        let mut chosen: Option<PathBuf> = None;
+        if lead {
+            let mut ckpts = list_checkpoints(&job.dirs.work);
+            ckpts.sort();
+            for dir in ckpts.iter().rev() {
+                match load_training_checkpoint(model.backend().clone(), dir) {
+                    Ok(l) => {
+                        if l.model.config() != model.config() {
+                            return Err(TrainError::Checkpoint {
+                                path: dir.clone(),
+                                reason: "model config differs from this run's config".into(),
+                            });
+                        }
+                        tracing::info!(step = l.state.step, dir = %dir.display(), "resuming from checkpoint");
+                        model = l.model;
+                        state = l.state;
+                        saved_optim = Some((l.optim, dir.join(OPTIM_FILE)));
+                        chosen = Some(dir.clone());
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(dir = %dir.display(), error = %e, "skipping unreadable checkpoint")
+                    }
                 }
+            }
+        }
+        if world > 1 {
+            // The checkpoint's directory name (empty: a fresh start) travels from rank 0.
+            let mut name = chosen
+                .as_ref()
+                .and_then(|d| d.file_name())
+                .map(|n| n.to_string_lossy().into_owned().into_bytes())
+                .unwrap_or_default();
+            coll.broadcast_bytes(&mut name, 0)?;
+            if !lead && !name.is_empty() {
+                let dir = job.dirs.work.join(String::from_utf8_lossy(&name).as_ref());
+                let l = load_training_checkpoint(model.backend().clone(), &dir).map_err(|e| {
+                    TrainError::Checkpoint {
+                        path: dir.clone(),
+                        reason: format!(
+                            "rank {rank} cannot load the checkpoint rank 0 resumes from (every rank \
+                             needs the same work dir, on a shared filesystem across machines): {e}"
+                        ),
+                    }
+                })?;
                 tracing::info!(step = l.state.step, dir = %dir.display(), "resuming from checkpoint");
                 model = l.model;
                 state = l.state;
                 saved_optim = Some((l.optim, dir.join(OPTIM_FILE)));
-                break;
-            }
-            Err(e) => {
-                tracing::warn!(dir = %dir.display(), error = %e, "skipping unreadable checkpoint")
+                chosen = Some(dir);
             }
         }
-    }
+        if let Some(dir) = &chosen {
+            state.data = rank_position(&state, rank, world, dir)?;
+        }
+        // Same step, config and weights on every rank, or nothing good can come of it.
+        check_ranks_agree(coll, &model, &state, cfg)?;
 
-    // A run-time choice, not part of the checkpoint: a resumed run uses this run's setting.
-    model.set_matmul_precision(cfg.matmul_precision);
-    // The whole bill (gradients, optimizer state, bf16 packs, activations of the largest
-    // micro-batch), checked before any of it is allocated.
-    let need = nanochat_model::memory::check_training_on(
-        model.backend(),
-        model.config(),
-        cfg.device_batch_size,
-        model.config().sequence_len,
-        cfg.matmul_precision,
-    )?;
-    tracing::info!(
-        total_mib = need.total() >> 20,
-        activations_mib = need.activations >> 20,
-        "memory estimate"
-    );
-    tracing::info!(device = %model.backend().describe(), "training device");
-    let mut opt = NanochatOptimizer::for_model(&model, cfg.optimizer_settings())?;
-    if let Some((bytes, origin)) = &saved_optim {
-        let meta = state
-            .optimizer
-            .clone()
-            .ok_or_else(|| TrainError::Checkpoint {
-                path: origin.clone(),
-                reason: "train state lacks optimizer metadata".into(),
-            })?;
-        restore_optimizer(&mut opt, &meta, bytes, origin)?;
-    }
+        // A run-time choice, not part of the checkpoint: a resumed run uses this run's setting.
+        model.set_matmul_precision(cfg.matmul_precision);
+        // The whole bill (gradients, optimizer state, bf16 packs, activations of the largest
+        // micro-batch), checked before any of it is allocated.
+        let need = nanochat_model::memory::check_training_on(
+            model.backend(),
+            model.config(),
+            cfg.device_batch_size,
+            model.config().sequence_len,
+            cfg.matmul_precision,
+        )?;
+        tracing::info!(
+            total_mib = need.total() >> 20,
+            activations_mib = need.activations >> 20,
+            "memory estimate"
+        );
+        tracing::info!(device = %model.backend().describe(), "training device");
+        let mut opt = NanochatOptimizer::for_model(&model, cfg.optimizer_settings())?;
+        if let Some((bytes, origin)) = &saved_optim {
+            let meta = state
+                .optimizer
+                .clone()
+                .ok_or_else(|| TrainError::Checkpoint {
+                    path: origin.clone(),
+                    reason: "train state lacks optimizer metadata".into(),
+                })?;
+            restore_optimizer(&mut opt, &meta, bytes, origin)?;
+        }
 
-    // Metrics and timings: keep only what the checkpoint covers, so a resumed run's files
-    // match an uninterrupted run's.
-    let metrics_path = job.dirs.work.join(METRICS_FILE);
-    let timing_path = job.dirs.work.join(TIMING_FILE);
-    let mut metrics = reopen_log_at(&metrics_path, state.step)?;
-    let mut timings = reopen_log_at(&timing_path, state.step)?;
-    let mut log = |m: &MetricsLine| -> Result<(), TrainError> {
-        let line = serde_json::to_string(m).map_err(|e| TrainError::Config(e.to_string()))?;
-        writeln!(metrics, "{line}").map_err(io(&metrics_path))
-    };
-    let mut log_timing = |t: &TimingLine| -> Result<(), TrainError> {
-        let line = serde_json::to_string(t).map_err(|e| TrainError::Config(e.to_string()))?;
-        writeln!(timings, "{line}").map_err(io(&timing_path))
-    };
+        // Metrics and timings (rank 0's): keep only what the checkpoint covers, so a resumed
+        // run's files match an uninterrupted run's.
+        let metrics_path = job.dirs.work.join(METRICS_FILE);
+        let timing_path = job.dirs.work.join(TIMING_FILE);
+        let (mut metrics, mut timings) = if lead {
+            (
+                Some(reopen_log_at(&metrics_path, state.step)?),
+                Some(reopen_log_at(&timing_path, state.step)?),
+            )
+        } else {
+            (None, None)
+        };
+        let mut log = |m: &MetricsLine| -> Result<(), TrainError> {
+            let Some(f) = metrics.as_mut() else {
+                return Ok(());
+            };
+            let line = serde_json::to_string(m).map_err(|e| TrainError::Config(e.to_string()))?;
+            writeln!(f, "{line}").map_err(io(&metrics_path))
+        };
+        let mut log_timing = |t: &TimingLine| -> Result<(), TrainError> {
+            let Some(f) = timings.as_mut() else {
+                return Ok(());
+            };
+            let line = serde_json::to_string(t).map_err(|e| TrainError::Config(e.to_string()))?;
+            writeln!(f, "{line}").map_err(io(&timing_path))
+        };
 
-    let schedule = LrSchedule {
-        num_iterations: cfg.num_iterations,
-        warmup_ratio: cfg.warmup_ratio,
-        warmdown_ratio: cfg.warmdown_ratio,
-        final_lr_frac: cfg.final_lr_frac,
-    };
-    let token_bytes = job.tokenizer.token_bytes().to_vec();
-    let flops_per_token = model.config().flops_per_token();
-    let mut train_src = make_train(state.data.clone())?;
-    let bar = indicatif::ProgressBar::new(cfg.num_iterations);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps (eta {eta}) {msg}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    bar.set_position(state.step);
-    let mut last_val: Option<f64> = None;
+        let schedule = LrSchedule {
+            num_iterations: cfg.num_iterations,
+            warmup_ratio: cfg.warmup_ratio,
+            warmdown_ratio: cfg.warmdown_ratio,
+            final_lr_frac: cfg.final_lr_frac,
+        };
+        let token_bytes = job.tokenizer.token_bytes().to_vec();
+        let flops_per_token = model.config().flops_per_token();
+        let mut train_src = make_train(state.data.clone())?;
+        let bar = if lead {
+            indicatif::ProgressBar::new(cfg.num_iterations)
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps (eta {eta}) {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar.set_position(state.step);
+        let mut last_val: Option<f64> = None;
+        let mut grad_host: Vec<f32> = Vec::new();
+        // `eval_batches` is the whole evaluation, split over the ranks (nanochat divides its
+        // eval tokens by the world size the same way), so N ranks measure what one does.
+        let eval_per_rank = cfg.eval_batches.div_ceil(world);
 
-    let mut do_eval =
-        |model: &mut Gpt<B>, step: u64, state: &mut TrainState| -> Result<f64, TrainError> {
+        let mut do_eval = |model: &mut Gpt<B>,
+                           coll: &mut dyn Collective,
+                           step: u64,
+                           state: &mut TrainState|
+         -> Result<f64, TrainError> {
             let mut val = make_val()?;
-            let bpb = evaluate_bpb(model, val.as_mut(), cfg.eval_batches, &token_bytes)?;
+            let mut sums = evaluate_nats_bytes(model, val.as_mut(), eval_per_rank, &token_bytes)?;
+            if world > 1 {
+                // Every rank evaluated its own slice: the bits and bytes of all of them.
+                coll.all_reduce_f64(&mut sums, ReduceOp::Sum)?;
+            }
+            let bpb = bits_per_byte(sums)?;
             state.min_val_bpb = Some(state.min_val_bpb.map_or(bpb, |m| m.min(bpb)));
-            tracing::info!(step, val_bpb = bpb, "validation");
+            if lead {
+                tracing::info!(step, val_bpb = bpb, "validation");
+            }
             Ok(bpb)
         };
-    let sample = |model: &Gpt<B>, step: u64| -> Result<(), TrainError> {
-        for p in &cfg.sample_prompts {
-            let mut ids = vec![job.tokenizer.bos_id()];
-            ids.extend(job.tokenizer.encode(p));
-            let out = greedy_sample(model, &ids, cfg.sample_tokens)?;
-            tracing::info!(step, "sample: {p}{}", job.tokenizer.decode(&out));
-        }
-        Ok(())
-    };
-
-    while state.step < cfg.num_iterations {
-        if (job.interrupted)() {
-            let dir = save_training_checkpoint(&job.dirs.work, &model, &opt, &state, &job.meta)?;
-            tracing::warn!(step = state.step, dir = %dir.display(), "interrupted: checkpoint saved");
-            bar.abandon();
-            return Ok(Outcome::Interrupted { step: state.step });
-        }
-        let step = state.step;
-        if cfg.eval_every > 0 && step % cfg.eval_every == 0 {
-            let bpb = do_eval(&mut model, step, &mut state)?;
-            last_val = Some(bpb);
-            log(&MetricsLine {
-                step,
-                loss: None,
-                lr_mult: None,
-                grad_norm: None,
-                val_bpb: Some(bpb),
-            })?;
-        }
-        if cfg.sample_every > 0 && step > 0 && step % cfg.sample_every == 0 {
-            sample(&model, step)?;
-        }
-
-        let t0 = Instant::now();
-        model.zero_grad()?;
-        let mut loss_sum = 0.0f64;
-        let mut tokens = 0usize;
-        let mut last_data = None;
-        for _ in 0..accum {
-            // A batch whose targets are all masked (e.g. SFT rows cut before any assistant
-            // token) has no loss; skip it rather than fail the run.
-            let mut batch = train_src.next_batch()?;
-            let mut skipped = 0;
-            while batch.num_targets() == 0 {
-                skipped += 1;
-                if skipped > 1000 {
-                    return Err(TrainError::Config(
-                        "1000 consecutive batches without a trainable target: check max_tokens and the task data".into(),
-                    ));
-                }
-                tracing::warn!(step, "skipping a batch without trainable targets");
-                batch = train_src.next_batch()?;
+        let sample = |model: &Gpt<B>, step: u64| -> Result<(), TrainError> {
+            // Samples are for the log; the other ranks' would be the same text.
+            if !lead {
+                return Ok(());
             }
-            let loss = model.forward_backward_scaled(
-                &batch.inputs,
-                &batch.targets,
-                batch.b,
-                batch.t,
-                Reduction::Mean,
-                1.0 / accum as f32,
-            )?;
-            loss_sum += f64::from(loss);
-            tokens += batch.b * batch.t;
-            last_data = Some(batch.state);
-        }
-        let lrm = schedule.multiplier(step);
-        opt.set_muon_momentum(muon_momentum_at(step));
-        // Clipping reads the global norm back once; the optimizer step reads nothing.
-        let norm = if cfg.grad_clip > 0.0 {
-            model.clip_grad_norm(f64::from(cfg.grad_clip))?
-        } else {
-            model.grad_norm()?
+            for p in &cfg.sample_prompts {
+                let mut ids = vec![job.tokenizer.bos_id()];
+                ids.extend(job.tokenizer.encode(p));
+                let out = greedy_sample(model, &ids, cfg.sample_tokens)?;
+                tracing::info!(step, "sample: {p}{}", job.tokenizer.decode(&out));
+            }
+            Ok(())
         };
-        opt.step_model(&mut model, lrm as f32)?;
-        let dt = t0.elapsed().as_secs_f64();
-        state.step += 1;
-        state.data = last_data;
-        state.train_seconds += dt;
-        let loss = loss_sum / accum as f64;
-        state.smooth_loss = 0.9 * state.smooth_loss + 0.1 * loss;
-        let debiased = state.smooth_loss / (1.0 - 0.9f64.powi(state.step.min(10_000) as i32));
-        let tok_per_s = tokens as f64 / dt.max(1e-9);
-        let mfu = (cfg.peak_flops > 0.0).then(|| flops_per_token * tok_per_s / cfg.peak_flops);
-        bar.set_position(state.step);
-        bar.set_message(format!("loss {debiased:.4} | {tok_per_s:.0} tok/s"));
-        if cfg.log_every > 0
-            && (state.step % cfg.log_every == 0 || state.step == cfg.num_iterations)
-        {
-            tracing::debug!(
-                step = state.step,
-                loss,
-                lr_mult = lrm,
-                grad_norm = norm,
-                tok_per_s,
-                "step"
-            );
-            log(&MetricsLine {
-                step: state.step,
-                loss: Some(loss),
-                lr_mult: Some(lrm),
-                grad_norm: Some(norm),
-                val_bpb: None,
-            })?;
-            log_timing(&TimingLine {
-                step: state.step,
-                seconds: dt,
-                tok_per_s,
-                mfu,
-            })?;
-        }
-        if cfg.save_every > 0 && state.step % cfg.save_every == 0 && state.step < cfg.num_iterations
-        {
-            save_training_checkpoint(&job.dirs.work, &model, &opt, &state, &job.meta)?;
-        }
-        // Fault injection for the crash-resume tests: die without any cleanup after this step.
-        if std::env::var("NANOCHAT_TEST_ABORT_AT_STEP")
-            .ok()
-            .and_then(|v| v.parse::<u64>().ok())
-            == Some(state.step)
-        {
-            std::process::abort();
-        }
-    }
-    bar.finish();
 
-    let bpb = do_eval(&mut model, state.step, &mut state)?;
-    last_val = Some(bpb).or(last_val);
-    log(&MetricsLine {
-        step: state.step,
-        loss: None,
-        lr_mult: None,
-        grad_norm: None,
-        val_bpb: Some(bpb),
-    })?;
-    sample(&model, state.step)?;
+        while state.step < cfg.num_iterations {
+            let mut stop = (job.interrupted)();
+            if world > 1 {
+                // A signal reaches the ranks at slightly different moments: they stop at the
+                // same step when any of them has seen it.
+                let mut flag = [f64::from(u8::from(stop))];
+                coll.all_reduce_f64(&mut flag, ReduceOp::Sum)?;
+                stop = flag[0] > 0.0;
+            }
+            if stop {
+                let dir = save_checkpoint_of_ranks(coll, &job, &model, &opt, &state)?;
+                if let Some(dir) = dir {
+                    tracing::warn!(step = state.step, dir = %dir.display(), "interrupted: checkpoint saved");
+                }
+                bar.abandon();
+                return Ok(Outcome::Interrupted { step: state.step });
+            }
+            let step = state.step;
+            if cfg.eval_every > 0 && step % cfg.eval_every == 0 {
+                let bpb = do_eval(&mut model, coll, step, &mut state)?;
+                last_val = Some(bpb);
+                log(&MetricsLine {
+                    step,
+                    loss: None,
+                    lr_mult: None,
+                    grad_norm: None,
+                    val_bpb: Some(bpb),
+                })?;
+            }
+            if cfg.sample_every > 0 && step > 0 && step % cfg.sample_every == 0 {
+                sample(&model, step)?;
+            }
 
-    // Publish: model checkpoint, metrics, summary.
-    let mut meta = job.meta.clone();
-    meta.step = state.step;
-    meta.loss = Some(state.smooth_loss / (1.0 - 0.9f64.powi(state.step.min(10_000) as i32)));
-    save_checkpoint(&model, &job.dirs.out.join("model"), &meta)?;
-    // The tokenizer travels with the model so that one artifact is enough to chat with or serve
-    // (`nanochat chat --model latest/sft`, `nanochat-run serve --ref latest/sft`).
-    job.tokenizer.save(&job.dirs.out.join(TOKENIZER_DIR))?;
-    std::fs::copy(&metrics_path, job.dirs.out.join(METRICS_FILE)).map_err(io(&metrics_path))?;
-    let summary = serde_json::json!({
-        "step": state.step,
-        "train_loss": meta.loss,
-        "val_bpb": last_val,
-        "min_val_bpb": state.min_val_bpb,
-        "config": cfg,
-    });
-    write_atomic(
-        &job.dirs.out.join("summary.json"),
-        serde_json::to_string_pretty(&summary)
-            .map_err(|e| TrainError::Config(e.to_string()))?
-            .as_bytes(),
-    )?;
-    if let Some(run) = &job.dirs.run {
-        write_telemetry(run, &timing_path, &state, cfg, &model.backend().describe())?;
+            let t0 = Instant::now();
+            model.zero_grad()?;
+            let mut loss_sum = 0.0f64;
+            let mut tokens = 0usize;
+            let mut last_data = None;
+            for _ in 0..accum {
+                // A batch whose targets are all masked (e.g. SFT rows cut before any assistant
+                // token) has no loss; skip it rather than fail the run.
+                let mut batch = train_src.next_batch()?;
+                let mut skipped = 0;
+                while batch.num_targets() == 0 {
+                    skipped += 1;
+                    if skipped > 1000 {
+                        return Err(TrainError::Config(
+                            "1000 consecutive batches without a trainable target: check max_tokens and the task data".into(),
+                        ));
+                    }
+                    tracing::warn!(step, "skipping a batch without trainable targets");
+                    batch = train_src.next_batch()?;
+                }
+                let loss = model.forward_backward_scaled(
+                    &batch.inputs,
+                    &batch.targets,
+                    batch.b,
+                    batch.t,
+                    Reduction::Mean,
+                    1.0 / accum as f32,
+                )?;
+                loss_sum += f64::from(loss);
+                tokens += batch.b * batch.t;
+                last_data = Some(batch.state);
+            }
+            // Each rank holds the mean gradient of its micro-batches; their average is the
+            // gradient of the whole step's batch (bit-identical on every rank).
+            let t_comm = Instant::now();
+            all_reduce_grads(&mut model, coll, &mut grad_host)?;
+            let allreduce_seconds = (world > 1).then(|| t_comm.elapsed().as_secs_f64());
+            let lrm = schedule.multiplier(step);
+            opt.set_muon_momentum(muon_momentum_at(step));
+            // Clipping reads the global norm back once; the optimizer step reads nothing.
+            let norm = if cfg.grad_clip > 0.0 {
+                model.clip_grad_norm(f64::from(cfg.grad_clip))?
+            } else {
+                model.grad_norm()?
+            };
+            opt.step_model(&mut model, lrm as f32)?;
+            let mut loss = loss_sum / accum as f64;
+            if world > 1 {
+                let mut sums = [loss, tokens as f64];
+                coll.all_reduce_f64(&mut sums, ReduceOp::Sum)?;
+                loss = sums[0] / world as f64;
+                tokens = sums[1] as usize;
+            }
+            let dt = t0.elapsed().as_secs_f64();
+            state.step += 1;
+            state.data = last_data;
+            state.train_seconds += dt;
+            state.smooth_loss = 0.9 * state.smooth_loss + 0.1 * loss;
+            let debiased = state.smooth_loss / (1.0 - 0.9f64.powi(state.step.min(10_000) as i32));
+            let tok_per_s = tokens as f64 / dt.max(1e-9);
+            let mfu = (cfg.peak_flops > 0.0).then(|| flops_per_token * tok_per_s / cfg.peak_flops);
+            bar.set_position(state.step);
+            bar.set_message(format!("loss {debiased:.4} | {tok_per_s:.0} tok/s"));
+            if cfg.log_every > 0
+                && (state.step % cfg.log_every == 0 || state.step == cfg.num_iterations)
+            {
+                if lead {
+                    tracing::debug!(
+                        step = state.step,
+                        loss,
+                        lr_mult = lrm,
+                        grad_norm = norm,
+                        tok_per_s,
+                        "step"
+                    );
+                }
+                log(&MetricsLine {
+                    step: state.step,
+                    loss: Some(loss),
+                    lr_mult: Some(lrm),
+                    grad_norm: Some(norm),
+                    val_bpb: None,
+                })?;
+                log_timing(&TimingLine {
+                    step: state.step,
+                    seconds: dt,
+                    tok_per_s,
+                    mfu,
+                    allreduce_seconds,
+                })?;
+            }
+            if cfg.save_every > 0
+                && state.step % cfg.save_every == 0
+                && state.step < cfg.num_iterations
+            {
+                save_checkpoint_of_ranks(coll, &job, &model, &opt, &state)?;
+            }
+            // Fault injection for the crash-resume tests: die without any cleanup after this
+            // step (on every rank, or on `NANOCHAT_TEST_ABORT_RANK` only).
+            if std::env::var("NANOCHAT_TEST_ABORT_AT_STEP")
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok())
+                == Some(state.step)
+                && std::env::var("NANOCHAT_TEST_ABORT_RANK")
+                    .ok()
+                    .and_then(|v| v.parse::<usize>().ok())
+                    .is_none_or(|r| r == rank)
+            {
+                std::process::abort();
+            }
+        }
+        bar.finish();
+
+        let bpb = do_eval(&mut model, coll, state.step, &mut state)?;
+        last_val = Some(bpb).or(last_val);
+        log(&MetricsLine {
+            step: state.step,
+            loss: None,
+            lr_mult: None,
+            grad_norm: None,
+            val_bpb: Some(bpb),
+        })?;
+        sample(&model, state.step)?;
+
+        let mut meta = job.meta.clone();
+        meta.step = state.step;
+        meta.loss = Some(state.smooth_loss / (1.0 - 0.9f64.powi(state.step.min(10_000) as i32)));
+        let outcome = Outcome::Finished {
+            val_bpb: last_val,
+            train_loss: meta.loss.unwrap_or(f64::NAN),
+        };
+        // The replicas must still be one model: a rank that drifted would mean the published
+        // weights are not what the others trained.
+        check_ranks_agree(coll, &model, &state, cfg)?;
+        if !lead {
+            // Rank 0 publishes; the stage ends when it has (its failure fails this rank too).
+            coll.barrier()?;
+            return Ok(outcome);
+        }
+
+        // Publish: model checkpoint, metrics, summary.
+        save_checkpoint(&model, &job.dirs.out.join("model"), &meta)?;
+        // The tokenizer travels with the model so that one artifact is enough to chat with or
+        // serve (`nanochat chat --model latest/sft`, `nanochat-run serve --ref latest/sft`).
+        job.tokenizer.save(&job.dirs.out.join(TOKENIZER_DIR))?;
+        std::fs::copy(&metrics_path, job.dirs.out.join(METRICS_FILE)).map_err(io(&metrics_path))?;
+        let summary = serde_json::json!({
+            "step": state.step,
+            "train_loss": meta.loss,
+            "val_bpb": last_val,
+            "min_val_bpb": state.min_val_bpb,
+            "config": cfg,
+        });
+        write_atomic(
+            &job.dirs.out.join("summary.json"),
+            serde_json::to_string_pretty(&summary)
+                .map_err(|e| TrainError::Config(e.to_string()))?
+                .as_bytes(),
+        )?;
+        if let Some(run) = &job.dirs.run {
+            write_telemetry(
+                run,
+                &timing_path,
+                &state,
+                cfg,
+                &model.backend().describe(),
+                world,
+            )?;
+        }
+        if world > 1 {
+            coll.barrier()?;
+        }
+        Ok(outcome)
     }
-    Ok(Outcome::Finished {
-        val_bpb: last_val,
-        train_loss: meta.loss.unwrap_or(f64::NAN),
+}
+
+/// This rank's data position in a checkpoint: `data` for a world of one, else the entry of
+/// `rank_data` (a checkpoint of another world size cannot resume: the ranks' slices differ).
+fn rank_position(
+    state: &TrainState,
+    rank: usize,
+    world: usize,
+    dir: &Path,
+) -> Result<Option<PackerState>, TrainError> {
+    let saved_world = state.rank_data.len().max(1);
+    if saved_world != world {
+        return Err(TrainError::Checkpoint {
+            path: dir.to_path_buf(),
+            reason: format!(
+                "written by a run of {saved_world} rank(s), resumed with {world}: each rank's data \
+                 slice depends on the world size; resume with {saved_world} or start a fresh work dir"
+            ),
+        });
+    }
+    Ok(if world == 1 {
+        state.data.clone()
+    } else {
+        state.rank_data[rank].clone()
     })
+}
+
+/// Averages the gradients over the ranks: one all-reduce of the flat gradient buffer. Nothing
+/// for a world of one, so that path is today's, bit for bit.
+fn all_reduce_grads<B: Backend>(
+    model: &mut Gpt<B>,
+    coll: &mut dyn Collective,
+    host: &mut Vec<f32>,
+) -> Result<(), TrainError> {
+    if coll.world_size() == 1 {
+        return Ok(());
+    }
+    if let Some(cpu) = (model as &mut dyn std::any::Any).downcast_mut::<Gpt<Cpu>>() {
+        // Host memory already: reduce in place.
+        let grads = cpu
+            .grads_flat_mut()
+            .ok_or_else(|| TrainError::Optimizer("gradients missing after backward".into()))?;
+        coll.all_reduce(grads, ReduceOp::Avg)?;
+        return Ok(());
+    }
+    // A device backend through host memory: the TCP collective only reads host buffers. The
+    // NCCL collective will reduce the device buffer in place instead (no copies).
+    let backend = model.backend().clone();
+    let mut view = model.grads_view_mut()?;
+    host.resize(B::len_mut(&view), 0.0);
+    backend
+        .download(B::as_view(&view), host)
+        .map_err(nanochat_model::ModelError::from)?;
+    coll.all_reduce(host, ReduceOp::Avg)?;
+    backend
+        .upload(host, B::reborrow(&mut view))
+        .map_err(nanochat_model::ModelError::from)?;
+    Ok(())
+}
+
+/// A 64-bit fingerprint of the weights, the step and the loop config: what every rank must
+/// share. FNV-1a over the f32 bit patterns (one multiply per weight: cheap next to a step).
+fn replica_fingerprint<B: Backend>(
+    model: &Gpt<B>,
+    state: &TrainState,
+    cfg: &LoopConfig,
+) -> Result<[u64; 3], TrainError> {
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let mut weights: u64 = 0xcbf2_9ce4_8422_2325;
+    for i in 0..model.param_specs().len() {
+        for x in model.download_param(i)? {
+            weights = (weights ^ u64::from(x.to_bits())).wrapping_mul(PRIME);
+        }
+    }
+    let mut config: u64 = 0xcbf2_9ce4_8422_2325;
+    let text = serde_json::to_vec(cfg).map_err(|e| TrainError::Config(e.to_string()))?;
+    for b in text {
+        config = (config ^ u64::from(b)).wrapping_mul(PRIME);
+    }
+    Ok([state.step, config, weights])
+}
+
+/// Fails on every rank whose step, config or weights differ from rank 0's (nothing to check
+/// for a world of one).
+fn check_ranks_agree<B: Backend>(
+    coll: &mut dyn Collective,
+    model: &Gpt<B>,
+    state: &TrainState,
+    cfg: &LoopConfig,
+) -> Result<(), TrainError> {
+    if coll.world_size() == 1 {
+        return Ok(());
+    }
+    let mine = replica_fingerprint(model, state, cfg)?;
+    let mut bytes: Vec<u8> = mine.iter().flat_map(|v| v.to_le_bytes()).collect();
+    coll.broadcast_bytes(&mut bytes, 0)?;
+    let theirs: Vec<u64> = bytes
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+        .collect();
+    let mut bad = Vec::new();
+    for (i, what) in ["step", "[train] config", "weights"].iter().enumerate() {
+        if theirs.get(i) != Some(&mine[i]) {
+            bad.push(*what);
+        }
+    }
+    // Every rank learns whether any rank differs, so they all stop together.
+    let mut flag = [if bad.is_empty() { 0.0 } else { 1.0 }];
+    coll.all_reduce_f64(&mut flag, ReduceOp::Sum)?;
+    if !bad.is_empty() {
+        return Err(TrainError::RankMismatch(format!(
+            "rank {} has a different {} than rank 0 at step {} (start every rank with the same \
+             config and inputs)",
+            coll.rank(),
+            bad.join(", "),
+            state.step
+        )));
+    }
+    if flag[0] > 0.0 {
+        return Err(TrainError::RankMismatch(format!(
+            "{} rank(s) differ from rank 0 at step {} (their logs say in what)",
+            flag[0], state.step
+        )));
+    }
+    Ok(())
+}
+
+/// Checkpoints a run of any world size: every rank's data position goes to rank 0, which
+/// alone writes (returns the directory there; `None` on the other ranks). The ranks leave
+/// together, so none exits while rank 0 is still writing.
+fn save_checkpoint_of_ranks<B: Backend>(
+    coll: &mut dyn Collective,
+    job: &Run<'_>,
+    model: &Gpt<B>,
+    opt: &NanochatOptimizer<B>,
+    state: &TrainState,
+) -> Result<Option<PathBuf>, TrainError> {
+    let (rank, world) = (coll.rank(), coll.world_size());
+    if world == 1 {
+        return save_training_checkpoint(&job.dirs.work, model, opt, state, &job.meta).map(Some);
+    }
+    let mut positions = Vec::with_capacity(world);
+    for r in 0..world {
+        let mut bytes = if r == rank {
+            serde_json::to_vec(&state.data).map_err(|e| TrainError::Config(e.to_string()))?
+        } else {
+            Vec::new()
+        };
+        coll.broadcast_bytes(&mut bytes, r)?;
+        let p: Option<PackerState> =
+            serde_json::from_slice(&bytes).map_err(|e| TrainError::Config(e.to_string()))?;
+        positions.push(p);
+    }
+    // A cheap guard against replicas drifting apart between checkpoints.
+    check_ranks_agree(coll, model, state, job.cfg)?;
+    let dir = if rank == 0 {
+        let mut s = state.clone();
+        s.rank_data = positions;
+        Some(save_training_checkpoint(
+            &job.dirs.work,
+            model,
+            opt,
+            &s,
+            &job.meta,
+        )?)
+    } else {
+        None
+    };
+    coll.barrier()?;
+    Ok(dir)
 }
 
 #[cfg(test)]
