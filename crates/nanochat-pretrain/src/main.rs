@@ -130,6 +130,8 @@ fn run(ctx: &StageContext) -> Result<i32> {
         .slice(&dist)
         .with_context(|| format!("{}", ctx.config_path().display()))?;
     process::set_threads(cfg.threads)?;
+    cfg.train.device = process::device_for_rank(cfg.train.device, &dist);
+    let nccl = process::wants_nccl(&dist, cfg.train.device);
     let mut collective = process::collective_for(&dist, cfg.train.device)?;
     let tok_dir = ctx.input("tokenizer")?;
     let tokenizer = Arc::new(
@@ -198,6 +200,7 @@ fn run(ctx: &StageContext) -> Result<i32> {
         meta: CheckpointMeta::new(0),
         interrupted: &stage::interrupted,
         collective: collective.as_mut(),
+        nccl,
     };
     let outcome = train_on_device(job, model, &mut make_train, &mut make_val)?;
     Ok(process::exit_code(outcome, "pretraining"))

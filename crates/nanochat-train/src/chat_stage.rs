@@ -72,11 +72,13 @@ fn mixture(
 /// Runs a conversation stage under the stage contract; returns the process exit code.
 /// Inputs: `model` (a training stage's output), `tokenizer`, `chat` (task files).
 pub fn run_chat_stage(kind: ChatStageKind, ctx: &StageContext) -> Result<i32, TrainError> {
-    let cfg: ChatStageConfig = ctx
+    let mut cfg: ChatStageConfig = ctx
         .config()
         .map_err(|e| TrainError::Config(e.to_string()))?;
     let dist = crate::process::dist_env()?;
     crate::process::set_threads(cfg.threads)?;
+    cfg.train.device = crate::process::device_for_rank(cfg.train.device, &dist);
+    let nccl = crate::process::wants_nccl(&dist, cfg.train.device);
     let mut collective = crate::process::collective_for(&dist, cfg.train.device)?;
     // Each rank reads every `world`-th conversation, starting at its rank.
     let (rank, world) = (dist.rank, dist.world_size);
@@ -157,6 +159,7 @@ pub fn run_chat_stage(kind: ChatStageKind, ctx: &StageContext) -> Result<i32, Tr
         meta,
         interrupted: &stage::interrupted,
         collective: collective.as_mut(),
+        nccl,
     };
     let outcome = train_on_device(job, model, &mut make_train, &mut make_val)?;
     Ok(crate::process::exit_code(outcome, &format!("{kind:?}")))

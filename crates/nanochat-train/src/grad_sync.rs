@@ -20,10 +20,10 @@ fn dist_err(e: nanochat_dist::DistError) -> TrainError {
 
 /// Averages the gradients of `model` across the ranks (see the module docs for which path).
 /// `host` is reused scratch for the host-copy path. Every rank ends with the same bits.
-pub fn all_reduce_gradients<B: Backend>(
+pub fn all_reduce_gradients<'d, B: Backend>(
     model: &mut Gpt<B>,
     coll: &mut dyn Collective,
-    device: Option<&mut dyn DeviceCollective>,
+    device: Option<&mut (dyn DeviceCollective + 'd)>,
     host: &mut Vec<f32>,
 ) -> Result<(), TrainError> {
     if let Some(dev) = device {

@@ -21,16 +21,18 @@ use std::time::Instant;
 
 use nanochat_data::chat_batches::{PaddedBatches, StreamBatches};
 use nanochat_data::{Batch, DataError, PackerState, PretrainLoader};
-use nanochat_dist::{Collective, ReduceOp};
+use nanochat_dist::{Collective, DeviceCollective, NcclComm, ReduceOp};
+use nanochat_model::compute::DeviceKind;
 use nanochat_model::{
-    load_checkpoint_on, save_checkpoint, Backend, CheckpointMeta, Cpu, Device, Gpt,
-    MatmulPrecision, Reduction,
+    load_checkpoint_on, save_checkpoint, Backend, CheckpointMeta, Device, Gpt, MatmulPrecision,
+    Reduction,
 };
 use nanochat_tokenizer::Tokenizer;
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 
+use crate::grad_sync::all_reduce_gradients;
 use crate::optim::{muon_momentum_at, NanochatOptimizer, OptimizerMeta, OptimizerSettings};
 use crate::schedule::LrSchedule;
 use crate::TrainError;
@@ -669,6 +671,10 @@ pub struct TrainJob<'a> {
     /// The ranks this run trains with ([`nanochat_dist::LocalCollective`] for one): gradients
     /// are averaged over them every step, and only rank 0 writes checkpoints and the output.
     pub collective: &'a mut dyn Collective,
+    /// Reduce gradients with NCCL on the device when the model is on a CUDA GPU (the unique id
+    /// travels over `collective`). Stages set it for CUDA ranks started by a launcher, a world
+    /// of one included, so that one GPU runs the code path of many.
+    pub nccl: bool,
 }
 
 /// Moves `model` (built on the host, so its initialisation is the same on every device) to
@@ -722,6 +728,7 @@ pub fn train<B: Backend>(
         meta,
         interrupted,
         collective,
+        nccl,
     } = job;
     let run = Run {
         cfg,
@@ -731,10 +738,20 @@ pub fn train<B: Backend>(
         meta,
         interrupted,
     };
-    let result = run.train(collective, model, make_train, make_val);
+    // The communicator binds to the current GPU: made here, where the backend's context is.
+    let mut comm = if nccl && model.backend().kind() == DeviceKind::Cuda {
+        Some(NcclComm::connect(collective)?)
+    } else {
+        None
+    };
+    let device = comm.as_mut().map(|c| c as &mut dyn DeviceCollective);
+    let result = run.train(collective, device, model, make_train, make_val);
     if let Err(e) = &result {
         // The other ranks would otherwise wait in their next collective until a timeout:
         // tell them now, with this rank's reason (a no-op for a world of one).
+        if let Some(c) = comm.as_mut() {
+            c.abort();
+        }
         collective.abort(&e.to_string());
     }
     result
@@ -754,6 +771,7 @@ impl Run<'_> {
     fn train<B: Backend>(
         self,
         coll: &mut dyn Collective,
+        mut device: Option<&mut dyn DeviceCollective>,
         model: Gpt<B>,
         make_train: &mut dyn FnMut(Option<PackerState>) -> Result<Box<dyn BatchSource>, TrainError>,
         make_val: &mut dyn FnMut() -> Result<Box<dyn BatchSource>, TrainError>,
@@ -1024,7 +1042,7 @@ impl Run<'_> {
             // Each rank holds the mean gradient of its micro-batches; their average is the
             // gradient of the whole step's batch (bit-identical on every rank).
             let t_comm = Instant::now();
-            all_reduce_grads(&mut model, coll, &mut grad_host)?;
+            all_reduce_gradients(&mut model, coll, device.as_deref_mut(), &mut grad_host)?;
             let allreduce_seconds = (world > 1).then(|| t_comm.elapsed().as_secs_f64());
             let lrm = schedule.multiplier(step);
             opt.set_muon_momentum(muon_momentum_at(step));
@@ -1188,39 +1206,6 @@ fn rank_position(
     } else {
         state.rank_data[rank].clone()
     })
-}
-
-/// Averages the gradients over the ranks: one all-reduce of the flat gradient buffer. Nothing
-/// for a world of one, so that path is today's, bit for bit.
-fn all_reduce_grads<B: Backend>(
-    model: &mut Gpt<B>,
-    coll: &mut dyn Collective,
-    host: &mut Vec<f32>,
-) -> Result<(), TrainError> {
-    if coll.world_size() == 1 {
-        return Ok(());
-    }
-    if let Some(cpu) = (model as &mut dyn std::any::Any).downcast_mut::<Gpt<Cpu>>() {
-        // Host memory already: reduce in place.
-        let grads = cpu
-            .grads_flat_mut()
-            .ok_or_else(|| TrainError::Optimizer("gradients missing after backward".into()))?;
-        coll.all_reduce(grads, ReduceOp::Avg)?;
-        return Ok(());
-    }
-    // A device backend through host memory: the TCP collective only reads host buffers. The
-    // NCCL collective will reduce the device buffer in place instead (no copies).
-    let backend = model.backend().clone();
-    let mut view = model.grads_view_mut()?;
-    host.resize(B::len_mut(&view), 0.0);
-    backend
-        .download(B::as_view(&view), host)
-        .map_err(nanochat_model::ModelError::from)?;
-    coll.all_reduce(host, ReduceOp::Avg)?;
-    backend
-        .upload(host, B::reborrow(&mut view))
-        .map_err(nanochat_model::ModelError::from)?;
-    Ok(())
 }
 
 /// A 64-bit fingerprint of the weights, the step and the loop config: what every rank must

@@ -142,6 +142,7 @@ fn run_rank(
         meta: CheckpointMeta::new(0),
         interrupted: &interrupted,
         collective: coll,
+        nccl: false,
     };
     let mut make_train = |state: Option<PackerState>| -> Result<Box<dyn BatchSource>, TrainError> {
         Ok(Box::new(Slice {
