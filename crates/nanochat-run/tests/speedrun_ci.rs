@@ -200,3 +200,83 @@ fn rerun_every_stage(pipeline: &'static str) {
         assert_eq!(ci.ids(), ids, "--force {stage} changed an object id");
     }
 }
+
+/// The CI pipeline's training chain with every training stage at `ranks: 2`: pretrain,
+/// midtrain and SFT each train as two CPU ranks over the TCP collective (their slices of the
+/// documents and conversations, one gradient all-reduce per step) and publish rank 0's model.
+#[test]
+fn the_training_stages_run_as_two_ranks() {
+    let repo = repo();
+    let cfg = |name: &str| {
+        repo.join("configs/speedrun-ci")
+            .join(name)
+            .display()
+            .to_string()
+    };
+    let store = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "name: ranks-ci
+stages:
+  data:
+    run: nanochat-data
+    config: {data}
+  tokenizer:
+    run: nanochat-tokenizer
+    config: {tokenizer}
+    inputs: {{ corpus: data }}
+  pretrain:
+    run: nanochat-pretrain
+    ranks: 2
+    config: {pretrain}
+    inputs: {{ corpus: data, tokenizer: tokenizer }}
+  midtrain:
+    run: nanochat-midtrain
+    ranks: 2
+    config: {midtrain}
+    inputs: {{ model: pretrain, tokenizer: tokenizer, chat: data }}
+  sft:
+    run: nanochat-sft
+    ranks: 2
+    config: {sft}
+    inputs: {{ model: midtrain, tokenizer: tokenizer, chat: data }}
+",
+        data = cfg("data.toml"),
+        tokenizer = cfg("tokenizer.toml"),
+        pretrain = cfg("pretrain.toml"),
+        midtrain = cfg("midtrain.toml"),
+        sft = cfg("sft.toml"),
+    );
+    let file = store.path().join("ranks-ci.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nanochat-run"));
+    cmd.current_dir(&repo)
+        .env("NANOCHAT_BIN_DIR", bin_dir())
+        .env("NANOCHAT_ARTIFACTS", store.path().join("artifacts"))
+        // The stages inherit it: the trainer's "data-parallel training" line is checked below.
+        .env("RUST_LOG", "nanochat_run=info,nanochat_train=info")
+        .arg(&file);
+    let out = common::run_ok(cmd, &["ranks-ci.yaml"]);
+    let st = statuses(&out);
+    assert_eq!(st.len(), 5, "{out}");
+    assert!(st.values().all(|s| s == "ran"), "{out}");
+    let artifacts = ArtifactStore::open(store.path().join("artifacts")).unwrap();
+    for stage in ["pretrain", "midtrain", "sft"] {
+        let log = artifacts
+            .resolve_ref(&format!("logs/ranks-ci/{stage}"))
+            .unwrap();
+        let text =
+            std::fs::read_to_string(artifacts.object_data(&log).join(format!("{stage}.log")))
+                .unwrap();
+        for r in 0..2 {
+            let prefix = format!("[rank {r}] ");
+            assert!(
+                text.lines()
+                    .any(|l| l.starts_with(&prefix) && l.contains("data-parallel training")),
+                "{stage}: rank {r} did not train data-parallel:\n{text}"
+            );
+        }
+        let data =
+            artifacts.object_data(&artifacts.resolve_ref(&format!("latest/{stage}")).unwrap());
+        assert!(data.join("model/model.safetensors").is_file(), "{stage}");
+    }
+}
