@@ -179,6 +179,12 @@ pub trait Backend: Clone + Send + Sync + Sized + 'static {
     /// The precision KV-cached decoding runs at for a model trained at `train` (the CPU decodes
     /// in f32, where its streaming GEMV is bandwidth-bound anyway).
     fn decode_precision(&self, train: Precision) -> Precision;
+    /// The precision matmuls run at when a config asks for `requested`: the CPU keeps bf16 only
+    /// where its bf16 GEMM beats f32 (and logs the fallback once); devices whose bf16 is
+    /// never slower keep the request.
+    fn matmul_precision_for(&self, requested: Precision) -> Precision {
+        requested
+    }
 
     // ---- buffers and views ----
 

@@ -687,7 +687,9 @@ pub fn train<B: Backend>(
     }
 
     // A run-time choice, not part of the checkpoint: a resumed run uses this run's setting.
-    model.set_matmul_precision(cfg.matmul_precision);
+    // The backend may run a bf16 request in f32 where its bf16 matmuls are slower (it says so).
+    let precision = model.backend().matmul_precision_for(cfg.matmul_precision);
+    model.set_matmul_precision(precision);
     // The whole bill (gradients, optimizer state, bf16 packs, activations of the largest
     // micro-batch), checked before any of it is allocated.
     let need = nanochat_model::memory::check_training_on(
@@ -695,7 +697,7 @@ pub fn train<B: Backend>(
         model.config(),
         cfg.device_batch_size,
         model.config().sequence_len,
-        cfg.matmul_precision,
+        precision,
     )?;
     tracing::info!(
         total_mib = need.total() >> 20,

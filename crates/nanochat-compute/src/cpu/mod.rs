@@ -10,6 +10,7 @@
 pub mod bf16;
 pub mod kernels;
 mod ops;
+pub mod select;
 
 use std::cell::RefCell;
 use std::ops::Range;
@@ -119,7 +120,8 @@ fn sum_f64(x: &[f32], f: impl Fn(f64) -> f64 + Sync) -> f64 {
     partial.iter().sum()
 }
 
-fn cpu_name() -> String {
+/// The CPU's model name (`/proc/cpuinfo`), or the architecture where that is unreadable.
+pub fn cpu_name() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
@@ -214,17 +216,11 @@ impl Backend for Cpu {
     }
 
     fn describe(&self) -> String {
-        let isa = if bf16::has_avx512_bf16() {
-            "avx512_bf16"
-        } else if kernels::has_avx2() {
-            "avx2"
-        } else {
-            "portable"
-        };
         format!(
-            "cpu ({}, {} threads, {isa})",
+            "cpu ({}, {} threads, {})",
             cpu_name(),
-            rayon::current_num_threads()
+            rayon::current_num_threads(),
+            select::CpuFeatures::detect().names()
         )
     }
 
@@ -234,6 +230,10 @@ impl Backend for Cpu {
 
     fn decode_precision(&self, _train: Precision) -> Precision {
         Precision::F32
+    }
+
+    fn matmul_precision_for(&self, requested: Precision) -> Precision {
+        select::effective_precision(requested)
     }
 
     fn alloc(&self, len: usize, what: &str) -> Result<Vec<f32>> {
