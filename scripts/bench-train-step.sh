@@ -13,6 +13,8 @@ THREADS=${THREADS:-2}
 # shellcheck source=scripts/tiny-tokenizer.sh
 source scripts/tiny-tokenizer.sh
 cargo build --release -q -p nanochat-model --example bench
+# Every figure below comes from this CPU and these kernel paths.
+"$BIN/examples/bench" --kernels
 MODEL=$(RAYON_NUM_THREADS=$THREADS NANOCHAT_BENCH_TRAIN_ONLY=1 "$BIN/examples/bench" 2 128 8 2057 "$((2 * STEPS))" |
   sed -n 's/^train_tokens_per_s \([0-9.]*\).*/\1/p')
 sed -e "s/^num_iterations = .*/num_iterations = $STEPS/" -e "s/^threads = .*/threads = $THREADS/" \

@@ -20,6 +20,9 @@ torch=$(python3 scripts/bench_torch_train.py "${ARGS[@]}" 2>/dev/null | tail -n 
 python3 - "$ours" "$torch" <<'PY'
 import json, sys
 o, t = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+print(f"cpu: {o.get('cpu', '?')}")
+for line in o.get("kernels", []):
+    print(f"  {line}")
 print(f"d{o['depth']} seq {o['seq']} batch {o['batch']} vocab {o['vocab']} threads {o['threads']} "
       f"accum {o['accum']} (torch {t['torch']}, {t['threads']} threads)")
 print(f"{'measure':34} {'ours tok/s':>11} {'torch tok/s':>12} {'ratio':>7}")

@@ -37,6 +37,16 @@ fn memory_on_device(
     }
 }
 
+/// Which kernel each op family takes on the model's device, and why (CPU only: the CUDA
+/// backend's choices are in its device description).
+fn kernel_paths(model: &DeviceGpt) -> Vec<String> {
+    match model {
+        DeviceGpt::Cpu(_) => nanochat_model::compute::cpu::select::kernel_choice().report(),
+        #[cfg(feature = "cuda")]
+        DeviceGpt::Cuda(_) => Vec::new(),
+    }
+}
+
 pub fn run(args: InfoArgs, json_out: bool) -> Result<ExitCode> {
     let loaded = load::load(&args.model)?;
     let cfg = loaded.model.config().clone();
@@ -54,6 +64,7 @@ pub fn run(args: InfoArgs, json_out: bool) -> Result<ExitCode> {
             "checkpoint": loaded.checkpoint_dir.display().to_string(),
             "tokenizer": loaded.tokenizer_dir.display().to_string(),
             "device": loaded.model.describe(),
+            "kernels": kernel_paths(&loaded.model),
             "config": cfg,
             "params": params,
             "memory_bytes": {
@@ -113,6 +124,9 @@ pub fn run(args: InfoArgs, json_out: bool) -> Result<ExitCode> {
         mib(mem.activations)
     )?;
     writeln!(out, "device       {}", loaded.model.describe())?;
+    for line in kernel_paths(&loaded.model) {
+        writeln!(out, "kernels      {line}")?;
+    }
     writeln!(out, "step         {}", meta.step)?;
     if let Some(loss) = meta.loss {
         writeln!(out, "loss         {loss:.4}")?;

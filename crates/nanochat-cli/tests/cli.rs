@@ -268,6 +268,17 @@ fn info_reports_config_size_and_provenance() {
     );
     let o = nanochat(&["info", "--model", model()], None);
     assert!(stdout(&o).contains("parameters"));
+    // Which kernel each op family takes on this CPU, and why.
+    let out = stdout(&o);
+    for family in [
+        "kernels      gemm f32: ",
+        "kernels      gemm bf16: ",
+        "decode gemv",
+    ] {
+        assert!(out.contains(family), "{family}: {out}");
+    }
+    let kernels = j["kernels"].as_array().map_or(0, Vec::len);
+    assert!(kernels >= 4, "{j}");
 }
 
 #[test]

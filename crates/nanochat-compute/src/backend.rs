@@ -176,9 +176,15 @@ pub trait Backend: Clone + Send + Sync + Sized + 'static {
     fn describe(&self) -> String;
     /// Bytes a new allocation on the device can use, when known.
     fn available_memory(&self) -> Option<u64>;
-    /// The precision KV-cached decoding runs at for a model trained at `train` (the CPU decodes
-    /// in f32, where its streaming GEMV is bandwidth-bound anyway).
+    /// The precision KV-cached decoding runs at for a model set to `train` matmuls (the CPU
+    /// and CUDA backends keep it: bf16 decoding streams half the weight bytes).
     fn decode_precision(&self, train: Precision) -> Precision;
+    /// The precision matmuls run at when a config asks for `requested`: the CPU keeps bf16 only
+    /// where its bf16 GEMM beats f32 (and logs the fallback once); devices whose bf16 is
+    /// never slower keep the request.
+    fn matmul_precision_for(&self, requested: Precision) -> Precision {
+        requested
+    }
 
     // ---- buffers and views ----
 
@@ -424,6 +430,22 @@ pub trait Backend: Clone + Send + Sync + Sized + 'static {
         accumulate: bool,
         precision: Precision,
     ) -> Result<()>;
+    /// Three linear layers of the same input, `ys[i] = x·Wᵢᵀ` (a layer's Q, K and V
+    /// projections). By default three [`Backend::linear`] calls; the CPU runs them as one
+    /// parallel loop when decoding (one fork/join instead of three).
+    fn linear3(
+        &self,
+        ws: [WeightRef<'_, Self>; 3],
+        x: Self::View<'_>,
+        ys: [Self::ViewMut<'_>; 3],
+        rows: usize,
+        precision: Precision,
+    ) -> Result<()> {
+        for (w, y) in ws.into_iter().zip(ys) {
+            self.linear(w, x, y, rows, false, precision)?;
+        }
+        Ok(())
+    }
     /// Its input gradient `dx (+)= dy·W`: `dy: [rows, out]`, `dx: [rows, inp]`.
     fn linear_bwd_input(
         &self,

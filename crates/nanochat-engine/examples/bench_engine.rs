@@ -6,7 +6,8 @@
 //!            DEPTH SEQ VOCAB BATCH [PROMPT_LEN=16] [NEW_TOKENS=128] [REPEATS=2]
 //! Peer: scripts/bench_engine_torch.py with the same arguments (scripts/bench-engine.sh runs both).
 //! `NANOCHAT_DEVICE=cuda` (a build with `--features cuda`) runs it on a GPU; the peer takes
-//! `DEVICE=cuda`.
+//! `DEVICE=cuda`. `NANOCHAT_PRECISION=bf16` decodes from bf16 weights on the CPU (half the
+//! bytes per token). `bench_engine --kernels` prints the CPU and its kernel choices.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -36,6 +37,15 @@ fn arg(args: &[String], i: usize, default: usize) -> usize {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    // `--kernels`: the CPU and the kernel each op family takes on it (the bench scripts print
+    // this above their figures).
+    if args.first().map(String::as_str) == Some("--kernels") {
+        println!("cpu: {}", nanochat_model::compute::cpu::cpu_name());
+        for line in nanochat_model::compute::cpu::select::kernel_choice().report() {
+            println!("{line}");
+        }
+        return Ok(());
+    }
     if args.len() < 4 {
         eprintln!("usage: bench_engine DEPTH SEQ VOCAB BATCH [PROMPT_LEN] [NEW_TOKENS] [REPEATS]");
         std::process::exit(2);
@@ -52,7 +62,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let device: Device = std::env::var("NANOCHAT_DEVICE")
         .unwrap_or_else(|_| "cpu".into())
         .parse()?;
-    let gpt = DeviceGpt::on(Gpt::new(cfg, 0)?, device)?;
+    let mut host = Gpt::new(cfg, 0)?;
+    if let Ok(p) = std::env::var("NANOCHAT_PRECISION") {
+        host.set_matmul_precision(p.parse()?);
+    }
+    let gpt = DeviceGpt::on(host, device)?;
     let params = gpt.config().num_params();
     let described = gpt.describe();
     let engine = Engine::new(Arc::new(gpt), Arc::new(OpaqueCodec));

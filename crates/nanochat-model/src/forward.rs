@@ -107,28 +107,20 @@ pub(crate) fn block<B: Backend>(
         c,
     )?;
     let xn1 = v::<B>(&la.xn1, n * c);
-    be.linear(
-        w.w(layer_param(l, Q))?,
+    // One call for the three projections of the same input (the CPU fuses them when decoding).
+    be.linear3(
+        [
+            w.w(layer_param(l, Q))?,
+            w.w(layer_param(l, K))?,
+            w.w(layer_param(l, V))?,
+        ],
         xn1,
-        vm::<B>(&mut la.q, n * c),
+        [
+            vm::<B>(&mut la.q, n * c),
+            vm::<B>(&mut la.k, n * kd),
+            vm::<B>(&mut la.v, n * kd),
+        ],
         n,
-        false,
-        prec,
-    )?;
-    be.linear(
-        w.w(layer_param(l, K))?,
-        xn1,
-        vm::<B>(&mut la.k, n * kd),
-        n,
-        false,
-        prec,
-    )?;
-    be.linear(
-        w.w(layer_param(l, V))?,
-        xn1,
-        vm::<B>(&mut la.v, n * kd),
-        n,
-        false,
         prec,
     )?;
     let (cos, sin) = (B::view(&m.rope_cos), B::view(&m.rope_sin));

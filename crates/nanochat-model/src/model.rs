@@ -358,7 +358,8 @@ impl<B: Backend> Gpt<B> {
     /// ([`Gpt::forward_backward`], [`Gpt::loss`], [`Gpt::logits`]): f32 by default; bf16 is
     /// the analogue of the reference's bf16 autocast. A run-time choice, not part of the
     /// checkpoint (weights stay f32 either way). KV-cached decoding runs at the backend's
-    /// [`Backend::decode_precision`] (f32 on the CPU).
+    /// [`Backend::decode_precision`] (this precision, on the CPU and CUDA: with bf16 the CPU
+    /// decodes from bf16 copies of the weights, half the bytes per token).
     pub fn set_matmul_precision(&mut self, precision: Precision) {
         self.precision = precision;
     }

@@ -129,3 +129,34 @@ fn last_only_logits_equal_last_rows_of_full_logits() {
         .unwrap_err();
     assert!(matches!(err, ModelError::InvalidInput(_)), "{err}");
 }
+
+#[test]
+fn bf16_decoding_streams_bf16_weights_and_tracks_the_bf16_forward() {
+    // Width 64 and 24 positions: prefill goes through the bf16 GEMM (more rows than the decode
+    // path takes), then single tokens through the bf16 GEMV.
+    let cfg = tiny(2, 2, 2, 64, 300);
+    let v = cfg.vocab_size;
+    let mut m = random_model(cfg.clone(), 5);
+    let seq = tokens(24, v, 4);
+    let f32_full = m.logits(&seq, 1, seq.len()).unwrap();
+    m.set_matmul_precision(nanochat_model::MatmulPrecision::Bf16);
+    let bf16_full = m.logits(&seq, 1, seq.len()).unwrap();
+    let mut cache = KvCache::new(&cfg, 1, 32).unwrap();
+    let mut got = m.forward_cached(&mut cache, &[(0, &seq[..20])]).unwrap();
+    for t in 20..seq.len() {
+        got.extend(
+            m.forward_cached(&mut cache, &[(0, &seq[t..t + 1])])
+                .unwrap(),
+        );
+    }
+    // The decoded steps are bf16 arithmetic (not f32 in disguise) and agree with the bf16
+    // full forward within bf16 rounding (the order of the f32 additions differs, and a value
+    // that lands on the other side of a bf16 rounding boundary moves by up to 2^-8 relative
+    // at the next layer's input).
+    let steps = 20 * v..;
+    let vs_f32 = max_rel(&got[steps.clone()], &f32_full[steps.clone()]);
+    let vs_bf16 = max_rel(&got[steps.clone()], &bf16_full[steps.clone()]);
+    assert!(vs_f32 > 1e-4, "decode ran in f32: {vs_f32}");
+    assert!(vs_bf16 < 1e-2, "bf16 decode vs bf16 forward: {vs_bf16}");
+    assert!(vs_f32 < 3e-2, "bf16 decode vs f32 forward: {vs_f32}");
+}

@@ -228,6 +228,13 @@ fn main() -> Result<()> {
     ] {
         json.insert(key.into(), v.into());
     }
+    // Which CPU and which kernels produced the figures (issue 18: every figure says so).
+    let choice = nanochat_model::compute::cpu::select::kernel_choice();
+    json.insert(
+        "cpu".into(),
+        nanochat_model::compute::cpu::cpu_name().into(),
+    );
+    json.insert("kernels".into(), choice.report().into());
     println!(
         "{:5} {:>12} {:>16} {:>10} {:>12} {:>12} {:>9}",
         "prec", "fwd+bwd", "step@ACCUM", "overhead", "step@1", "overhead@1", "optim s"

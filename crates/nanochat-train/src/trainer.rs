@@ -860,7 +860,13 @@ impl Run<'_> {
         check_ranks_agree(coll, &model, &state, cfg)?;
 
         // A run-time choice, not part of the checkpoint: a resumed run uses this run's setting.
-        model.set_matmul_precision(cfg.matmul_precision);
+        // The backend may run a bf16 request in f32 where its bf16 matmuls are slower (it says
+        // so).
+        let precision = agreed_precision(
+            coll,
+            model.backend().matmul_precision_for(cfg.matmul_precision),
+        )?;
+        model.set_matmul_precision(precision);
         // The whole bill (gradients, optimizer state, bf16 packs, activations of the largest
         // micro-batch), checked before any of it is allocated.
         let need = nanochat_model::memory::check_training_on(
@@ -868,7 +874,7 @@ impl Run<'_> {
             model.config(),
             cfg.device_batch_size,
             model.config().sequence_len,
-            cfg.matmul_precision,
+            precision,
         )?;
         tracing::info!(
             total_mib = need.total() >> 20,
@@ -1206,6 +1212,29 @@ fn rank_position(
     } else {
         state.rank_data[rank].clone()
     })
+}
+
+/// The matmul precision every rank uses: each rank's backend chose from its own calibration,
+/// which may land on either side of the threshold on ranks of one machine; replicas must do
+/// the same arithmetic, so unless every rank chose bf16, all use f32.
+fn agreed_precision(
+    coll: &mut dyn Collective,
+    mine: MatmulPrecision,
+) -> Result<MatmulPrecision, TrainError> {
+    if coll.world_size() == 1 {
+        return Ok(mine);
+    }
+    let mut bf16 = [f64::from(u8::from(mine == MatmulPrecision::Bf16))];
+    coll.all_reduce_f64(&mut bf16, ReduceOp::Sum)?;
+    if bf16[0] as usize == coll.world_size() {
+        return Ok(mine);
+    }
+    if mine == MatmulPrecision::Bf16 {
+        tracing::warn!(
+            "some ranks calibrated bf16 matmuls as slower than f32: every rank trains in f32"
+        );
+    }
+    Ok(MatmulPrecision::F32)
 }
 
 /// A 64-bit fingerprint of the weights, the step and the loop config: what every rank must

@@ -4,12 +4,14 @@
 //! that `x·Wᵀ` is one NN GEMM on trueno's BLIS kernels (which only multiply NN), and, for bf16
 //! matmuls, every weight packed once per optimizer step in both orientations for the AVX-512
 //! BF16 kernel (a micro-batch multiplies each weight several times: the lm_head once per row
-//! chunk, forward and backward). Up to [`FEW_ROWS`] rows (decoding), f32 projections stream
-//! the `[out, in]` weights once instead.
+//! chunk, forward and backward). Up to [`FEW_ROWS`] rows (decoding), projections stream the
+//! `[out, in]` weights once instead: the f32 parameters, or with bf16 matmuls a bf16 copy of
+//! them (half the bytes; decoding is bound by them).
 
 pub mod bf16;
 pub mod kernels;
 mod ops;
+pub mod select;
 
 use std::cell::RefCell;
 use std::ops::Range;
@@ -24,7 +26,10 @@ use crate::error::{ComputeError, Result};
 use crate::host::{alloc_f32, alloc_i32, available_memory, check_fits};
 use crate::Precision;
 use bf16::{gemm_bf16_prepacked_with, gemm_bf16_with, round_bf16, GemmOpts, Op, PackedB};
-use kernels::{matmul_nn, matmul_tn_acc, matmul_wt_few_rows, transpose};
+use kernels::{
+    matmul_nn, matmul_tn_acc, matmul_wt_few_rows, matmul_wt_few_rows_bf16, transpose, GemvJob,
+    GemvWeights,
+};
 
 /// Up to this many rows, f32 projections stream the `[out, in]` weights once (GEMV-like,
 /// parallel over output blocks); beyond, they run as GEMMs. Measured at depth 8 / vocab 65,536
@@ -58,6 +63,10 @@ pub struct CpuWeights {
     /// With bf16 matmuls: each matmul weight packed as `[in, out]` (forward) and `[out, in]`
     /// (backward).
     packs: Vec<Option<(PackedB, PackedB)>>,
+    /// With bf16 matmuls: each matmul weight as `[out, in]` bf16 bits, what the few-row
+    /// (decode) GEMV streams: half the bytes of the f32 weights, and decoding is bound by
+    /// those bytes.
+    rows_bf16: Vec<Vec<u16>>,
 }
 
 impl CpuWeights {
@@ -119,7 +128,8 @@ fn sum_f64(x: &[f32], f: impl Fn(f64) -> f64 + Sync) -> f64 {
     partial.iter().sum()
 }
 
-fn cpu_name() -> String {
+/// The CPU's model name (`/proc/cpuinfo`), or the architecture where that is unreadable.
+pub fn cpu_name() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
@@ -197,7 +207,9 @@ fn weight_pack_bytes(layout: &[WeightSlot]) -> u64 {
     layout
         .iter()
         .filter(|s| s.matmul)
-        .map(|s| PackedB::bytes_for(s.inp, s.out) + PackedB::bytes_for(s.out, s.inp))
+        .map(|s| {
+            PackedB::bytes_for(s.inp, s.out) + PackedB::bytes_for(s.out, s.inp) + 2 * s.len() as u64
+        })
         .sum()
 }
 
@@ -214,17 +226,11 @@ impl Backend for Cpu {
     }
 
     fn describe(&self) -> String {
-        let isa = if bf16::has_avx512_bf16() {
-            "avx512_bf16"
-        } else if kernels::has_avx2() {
-            "avx2"
-        } else {
-            "portable"
-        };
         format!(
-            "cpu ({}, {} threads, {isa})",
+            "cpu ({}, {} threads, {})",
             cpu_name(),
-            rayon::current_num_threads()
+            rayon::current_num_threads(),
+            select::CpuFeatures::detect().names()
         )
     }
 
@@ -232,8 +238,15 @@ impl Backend for Cpu {
         available_memory()
     }
 
-    fn decode_precision(&self, _train: Precision) -> Precision {
-        Precision::F32
+    fn decode_precision(&self, train: Precision) -> Precision {
+        // Decoding streams every weight once per token, so it is bound by their bytes: a model
+        // set to bf16 matmuls decodes from the bf16 weight rows (half the bytes), one in f32
+        // from the f32 weights, each matching its own full forward within rounding.
+        train
+    }
+
+    fn matmul_precision_for(&self, requested: Precision) -> Precision {
+        select::effective_precision(requested)
     }
 
     fn alloc(&self, len: usize, what: &str) -> Result<Vec<f32>> {
@@ -639,6 +652,7 @@ impl Backend for Cpu {
         }
         // Packs are rebuilt from scratch: each holds a fresh conversion of the new weights.
         w.packs.clear();
+        w.rows_bf16.clear();
         if precision == Precision::Bf16 {
             check_fits(weight_pack_bytes(layout), "bf16 weight packs")?;
             for (s, t) in layout.iter().zip(&w.transposed) {
@@ -649,6 +663,19 @@ impl Backend for Cpu {
                     ))
                 } else {
                     None
+                });
+                w.rows_bf16.push(if s.matmul {
+                    let mut v = vec![0u16; s.len()];
+                    v.par_chunks_mut(PAR_CHUNK)
+                        .zip(params[s.range()].par_chunks(PAR_CHUNK))
+                        .for_each(|(d, src)| {
+                            d.iter_mut()
+                                .zip(src)
+                                .for_each(|(d, &x)| *d = bf16::bf16_bits(x))
+                        });
+                    v
+                } else {
+                    Vec::new()
                 });
             }
         }
@@ -700,9 +727,20 @@ impl Backend for Cpu {
         let WeightSlot { out, inp, .. } = w.slot;
         check_len("linear", "x", x.len(), rows * inp)?;
         check_len("linear", "y", y.len(), rows * out)?;
-        if precision == Precision::F32 && rows <= FEW_ROWS {
-            matmul_wt_few_rows(rows, out, inp, x, &w.params[w.slot.range()], y, accumulate);
-            return Ok(());
+        if rows <= FEW_ROWS {
+            match precision {
+                Precision::F32 => {
+                    let wf = &w.params[w.slot.range()];
+                    matmul_wt_few_rows(rows, out, inp, x, wf, y, accumulate);
+                    return Ok(());
+                }
+                Precision::Bf16 => {
+                    if let Some(w16) = w.cache.rows_bf16.get(w.index).filter(|v| !v.is_empty()) {
+                        matmul_wt_few_rows_bf16(rows, out, inp, x, w16, y, accumulate);
+                        return Ok(());
+                    }
+                }
+            }
         }
         let pack = w.cache.packs.get(w.index).and_then(Option::as_ref);
         match (precision, pack) {
@@ -728,6 +766,53 @@ impl Backend for Cpu {
                 accumulate,
             ),
         }
+    }
+
+    fn linear3(
+        &self,
+        ws: [WeightRef<'_, Self>; 3],
+        x: &[f32],
+        ys: [&mut [f32]; 3],
+        rows: usize,
+        precision: Precision,
+    ) -> Result<()> {
+        // Decoding: the three GEMVs in one parallel loop, from the weights `linear` would use.
+        fn decode_weights(w: WeightRef<'_, Cpu>, precision: Precision) -> Option<GemvWeights<'_>> {
+            match precision {
+                Precision::F32 => Some(GemvWeights::F32(&w.params[w.slot.range()])),
+                Precision::Bf16 => w
+                    .cache
+                    .rows_bf16
+                    .get(w.index)
+                    .filter(|v| !v.is_empty())
+                    .map(|v| GemvWeights::Bf16(v)),
+            }
+        }
+        let inp = ws[0].slot.inp;
+        let fused: Option<Vec<GemvWeights<'_>>> = ws
+            .iter()
+            .map(|&w| {
+                decode_weights(w, precision).filter(|_| rows <= FEW_ROWS && w.slot.inp == inp)
+            })
+            .collect();
+        let Some(fused) = fused else {
+            for (w, y) in ws.into_iter().zip(ys) {
+                self.linear(w, x, y, rows, false, precision)?;
+            }
+            return Ok(());
+        };
+        check_len("linear3", "x", x.len(), rows * inp)?;
+        let mut jobs = Vec::with_capacity(3);
+        for ((w, y), gw) in ws.iter().zip(ys).zip(fused) {
+            check_len("linear3", "y", y.len(), rows * w.slot.out)?;
+            jobs.push(GemvJob {
+                w: gw,
+                out: w.slot.out,
+                y,
+            });
+        }
+        kernels::matmul_wt_few_rows_many(rows, inp, x, &mut jobs, false);
+        Ok(())
     }
 
     fn linear_bwd_input(
