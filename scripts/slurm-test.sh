@@ -135,8 +135,9 @@ took=$(( $(date +%s) - start ))
 [ "$took" -lt 60 ] || { echo "slurm-test: the failing stage took ${took}s" >&2; exit 1; }
 echo "slurm-test: a failing task fails the stage in ${took}s: ok"
 
-# Ctrl-C: nanochat-run turns it into SIGTERM for srun (a lone SIGINT only makes srun print the
-# tasks' states), srun forwards it to every task, the stage stops and nothing is published.
+# Ctrl-C: nanochat-run sends srun two SIGINTs 300 ms apart (a lone SIGINT only makes srun print
+# the tasks' states; two within a second make it send SIGINT to every task), the tasks stop
+# gracefully, the stage is reported interrupted and nothing is published.
 cat >"$WORK/run/pipelines/slurm-int.yaml" <<'EOF2'
 stages:
   train:
