@@ -1370,3 +1370,67 @@ mod tests {
         assert_eq!(lines_covered_by_checkpoint(log, 0), "");
     }
 }
+
+#[cfg(test)]
+mod precision_tests {
+    use super::{agreed_precision, MatmulPrecision};
+    use nanochat_dist::{Collective, DistError, LocalCollective, ReduceOp};
+
+    /// Rank 0 of two, whose peer chose `peer_bf16`: sums add the peer's vote.
+    struct TwoRanks {
+        peer_bf16: bool,
+    }
+
+    impl Collective for TwoRanks {
+        fn rank(&self) -> usize {
+            0
+        }
+        fn world_size(&self) -> usize {
+            2
+        }
+        fn backend(&self) -> &'static str {
+            "fake"
+        }
+        fn all_reduce(&mut self, _: &mut [f32], _: ReduceOp) -> Result<(), DistError> {
+            unreachable!("only the precision vote is reduced")
+        }
+        fn all_reduce_f64(&mut self, buf: &mut [f64], op: ReduceOp) -> Result<(), DistError> {
+            assert_eq!(op, ReduceOp::Sum);
+            buf[0] += f64::from(u8::from(self.peer_bf16));
+            Ok(())
+        }
+        fn reduce_scatter(
+            &mut self,
+            _: &mut [f32],
+            _: ReduceOp,
+        ) -> Result<std::ops::Range<usize>, DistError> {
+            unreachable!()
+        }
+        fn all_gather(&mut self, _: &mut [f32]) -> Result<(), DistError> {
+            unreachable!()
+        }
+        fn broadcast(&mut self, _: &mut [f32], _: usize) -> Result<(), DistError> {
+            unreachable!()
+        }
+        fn broadcast_bytes(&mut self, _: &mut Vec<u8>, _: usize) -> Result<(), DistError> {
+            unreachable!()
+        }
+        fn barrier(&mut self) -> Result<(), DistError> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn ranks_train_in_bf16_only_when_every_rank_chose_it() {
+        let (bf16, f32) = (MatmulPrecision::Bf16, MatmulPrecision::F32);
+        let agreed = |mine, peer_bf16| {
+            agreed_precision(&mut TwoRanks { peer_bf16 }, mine).expect("fake collective")
+        };
+        assert_eq!(agreed(bf16, true), bf16);
+        assert_eq!(agreed(bf16, false), f32);
+        assert_eq!(agreed(f32, true), f32);
+        assert_eq!(agreed(f32, false), f32);
+        // A world of one keeps its own choice without any collective call.
+        assert_eq!(agreed_precision(&mut LocalCollective, bf16).unwrap(), bf16);
+    }
+}
