@@ -10,9 +10,20 @@
 //!   single-process one.
 
 use nanochat_dist::{Collective, DeviceCollective, DeviceRegion, ReduceOp};
+use nanochat_model::compute::DeviceMemory;
 use nanochat_model::{Backend, Cpu, Gpt};
 
 use crate::TrainError;
+
+/// The backend's device memory as the collectives name it (the two crates sit side by side,
+/// neither depends on the other).
+pub fn region_of(m: DeviceMemory) -> DeviceRegion {
+    DeviceRegion {
+        ptr: m.ptr,
+        len: m.len,
+        stream: m.stream,
+    }
+}
 
 fn dist_err(e: nanochat_dist::DistError) -> TrainError {
     TrainError::Config(format!("gradient all-reduce: {e}"))
@@ -31,14 +42,9 @@ pub fn all_reduce_gradients<'d, B: Backend>(
         let grads = model.grads_view_mut()?;
         let done = backend
             .with_device_memory(grads, |m| {
-                let region = DeviceRegion {
-                    ptr: m.ptr,
-                    len: m.len,
-                    stream: m.stream,
-                };
                 // SAFETY: the region is the live gradient buffer on the backend's stream, which
                 // orders the reduction after the backward kernels and before the optimizer's.
-                unsafe { dev.all_reduce_device(region, ReduceOp::Avg) }
+                unsafe { dev.all_reduce_device(region_of(m), ReduceOp::Avg) }
             })
             .map_err(nanochat_model::ModelError::from)?;
         if let Some(r) = done {

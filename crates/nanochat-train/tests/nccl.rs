@@ -10,7 +10,7 @@ use nanochat_dist::{
 use nanochat_model::compute::cuda::Cuda;
 use nanochat_model::compute::Backend;
 use nanochat_model::{Gpt, GptConfig, Reduction};
-use nanochat_train::grad_sync::all_reduce_gradients;
+use nanochat_train::grad_sync::{all_reduce_gradients, region_of};
 
 fn gpu_and_nccl() -> Option<(Cuda, NcclComm)> {
     let g = match Cuda::open(0) {
@@ -35,27 +35,41 @@ fn values(n: usize) -> Vec<f32> {
         .collect()
 }
 
-/// Runs `op` on a device buffer holding `values(n)` and returns what the buffer holds after.
+/// Runs `op` on the device memory of a buffer holding `values(n)`; returns its result and
+/// what the buffer holds after.
+fn on_device_result(
+    g: &Cuda,
+    n: usize,
+    op: impl FnOnce(DeviceRegion) -> Result<(), nanochat_dist::DistError>,
+) -> (Result<(), nanochat_dist::DistError>, Vec<f32>) {
+    let mut buf = g.alloc(n, "nccl test").unwrap();
+    g.upload(&values(n), Cuda::view_mut(&mut buf)).unwrap();
+    let r = g
+        .with_device_memory(Cuda::view_mut(&mut buf), |m| op(region_of(m)))
+        .unwrap()
+        .expect("CUDA buffers are device memory");
+    let mut out = vec![0.0; n];
+    g.download(Cuda::view(&buf), &mut out).unwrap();
+    (r, out)
+}
+
+/// [`on_device_result`] of an operation that must succeed: the buffer after it.
 fn on_device(
     g: &Cuda,
     n: usize,
     op: impl FnOnce(DeviceRegion) -> Result<(), nanochat_dist::DistError>,
 ) -> Vec<f32> {
-    let mut buf = g.alloc(n, "nccl test").unwrap();
-    g.upload(&values(n), Cuda::view_mut(&mut buf)).unwrap();
-    g.with_device_memory(Cuda::view_mut(&mut buf), |m| {
-        op(DeviceRegion {
-            ptr: m.ptr,
-            len: m.len,
-            stream: m.stream,
-        })
-    })
-    .unwrap()
-    .expect("CUDA buffers are device memory")
-    .unwrap();
-    let mut out = vec![0.0; n];
-    g.download(Cuda::view(&buf), &mut out).unwrap();
+    let (r, out) = on_device_result(g, n, op);
+    r.unwrap();
     out
+}
+
+/// [`on_device_result`] of an operation that must fail: its error.
+fn on_device_err(
+    g: &Cuda,
+    op: impl FnOnce(DeviceRegion) -> Result<(), nanochat_dist::DistError>,
+) -> String {
+    on_device_result(g, 8, op).0.unwrap_err().to_string()
 }
 
 #[test]
@@ -90,24 +104,6 @@ fn a_world_of_one_reduces_gathers_and_broadcasts_on_the_device() {
     nccl.abort();
     let e = on_device_err(&g, |r| unsafe { nccl.all_reduce_device(r, ReduceOp::Sum) });
     assert!(e.contains("aborted"), "{e}");
-}
-
-fn on_device_err(
-    g: &Cuda,
-    op: impl FnOnce(DeviceRegion) -> Result<(), nanochat_dist::DistError>,
-) -> String {
-    let mut buf = g.alloc(8, "nccl test").unwrap();
-    g.with_device_memory(Cuda::view_mut(&mut buf), |m| {
-        op(DeviceRegion {
-            ptr: m.ptr,
-            len: m.len,
-            stream: m.stream,
-        })
-    })
-    .unwrap()
-    .expect("device memory")
-    .unwrap_err()
-    .to_string()
 }
 
 /// A host collective that is not a world of one in name only: it forces the host-staging path
