@@ -21,6 +21,8 @@ pub mod cpu;
 pub mod cuda;
 mod device;
 pub mod error;
+#[path = "cuda/flash.rs"]
+mod flash;
 pub mod host;
 /// The CUDA backend's PTX kernels (text only: generated and checked without a GPU or the
 /// `cuda` feature).

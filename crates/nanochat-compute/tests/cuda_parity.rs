@@ -741,3 +741,92 @@ fn bf16_operand_copies_follow_writes_to_their_source() {
     a[..m2 * k].copy_from_slice(&now[..m2 * k]);
     check("after a GEMM wrote over the source", g, &ga, &mut gc, &a);
 }
+
+/// The flash-attention forward (bf16, head dims 64 and 128) against the CPU and against the
+/// score-matrix path on the same GPU: sequence lengths that are and are not multiples of the
+/// 64-row tile, grouped and plain heads, and inputs scaled so the softmax is peaked (the online
+/// rescaling matters). The backward pass then runs on the flash kernel's y and lse.
+#[test]
+fn flash_attention_matches_the_cpu_and_the_score_matrix_path() {
+    let Some(g) = gpu() else { return };
+    let c = Cpu::new();
+    let mut r = Rng(31);
+    for (b, t, h, hk, d, amp) in [
+        (2, 200, 4, 2, 128, 1.0f32),
+        (1, 64, 2, 2, 128, 4.0),
+        (3, 131, 4, 4, 64, 3.0),
+        (1, 1, 2, 1, 64, 1.0),
+    ] {
+        let s = AttnShape {
+            b,
+            t,
+            h,
+            hk,
+            d,
+            precision: Precision::Bf16,
+        };
+        let what = format!("flash b{b} t{t} h{h}/{hk} d{d}");
+        let nq = b * t * h * d;
+        let nk = b * t * hk * d;
+        let scaled =
+            |r: &mut Rng, n: usize| -> Vec<f32> { r.vec(n).iter().map(|x| x * amp).collect() };
+        let (q, k, v, dy) = (scaled(&mut r, nq), scaled(&mut r, nk), r.vec(nk), r.vec(nq));
+        let (mut cy, mut clse) = (vec![0f32; nq], vec![0f32; b * h * t]);
+        c.attention(s, &q, &k, &v, &mut cy, &mut clse).unwrap();
+        let (gq, gk, gv, gdy) = (up(&g, &q), up(&g, &k), up(&g, &v), up(&g, &dy));
+        let run = |flash: bool| {
+            g.set_flash_attention(flash);
+            let (mut gy, mut glse) = (
+                g.alloc(nq, "y").unwrap(),
+                g.alloc(b * h * t, "lse").unwrap(),
+            );
+            g.attention(
+                s,
+                Cuda::view(&gq),
+                Cuda::view(&gk),
+                Cuda::view(&gv),
+                Cuda::view_mut(&mut gy),
+                Cuda::view_mut(&mut glse),
+            )
+            .unwrap();
+            (gy, glse)
+        };
+        let (fy, flse) = run(true);
+        let (sy, slse) = run(false);
+        g.set_flash_attention(true);
+        let (fyv, flv) = (down(&g, &fy), down(&g, &flse));
+        assert_close(&format!("{what} y vs cpu"), &fyv, &cy, 2e-2);
+        assert_close(&format!("{what} lse vs cpu"), &flv, &clse, 1e-2);
+        assert_close(&format!("{what} y vs scores"), &fyv, &down(&g, &sy), 2e-2);
+        assert_close(
+            &format!("{what} lse vs scores"),
+            &flv,
+            &down(&g, &slse),
+            1e-2,
+        );
+        let (mut cdq, mut cdk, mut cdv) = (vec![0f32; nq], vec![0f32; nk], vec![0f32; nk]);
+        c.attention_bwd(s, &q, &k, &v, &cy, &clse, &dy, &mut cdq, &mut cdk, &mut cdv)
+            .unwrap();
+        let (mut gdq, mut gdk, mut gdv) = (
+            g.alloc(nq, "dq").unwrap(),
+            g.alloc(nk, "dk").unwrap(),
+            g.alloc(nk, "dv").unwrap(),
+        );
+        g.attention_bwd(
+            s,
+            Cuda::view(&gq),
+            Cuda::view(&gk),
+            Cuda::view(&gv),
+            Cuda::view(&fy),
+            Cuda::view(&flse),
+            Cuda::view(&gdy),
+            Cuda::view_mut(&mut gdq),
+            Cuda::view_mut(&mut gdk),
+            Cuda::view_mut(&mut gdv),
+        )
+        .unwrap();
+        assert_close(&format!("{what} dq"), &down(&g, &gdq), &cdq, 3e-2);
+        assert_close(&format!("{what} dk"), &down(&g, &gdk), &cdk, 3e-2);
+        assert_close(&format!("{what} dv"), &down(&g, &gdv), &cdv, 3e-2);
+    }
+}

@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::ffi::c_void;
 use std::marker::PhantomData;
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use trueno_gpu::driver::sys::{cuda_error_string, CudaDriver};
@@ -30,7 +30,7 @@ use crate::backend::{
 };
 use crate::cpu::{check_len, check_rows};
 use crate::error::{ComputeError, Result};
-use crate::ptx::{self, DECODE_THREADS, ELEMENTWISE_THREADS, KERNELS, ROW_THREADS};
+use crate::ptx::{self, DECODE_THREADS, ELEMENTWISE_THREADS, KERNELS, ROW_THREADS, WARP_ROWS};
 use crate::Precision;
 use blas::{Batch, Blas, R_16BF, R_32F};
 
@@ -72,6 +72,8 @@ struct Inner {
     writes: AtomicU64,
     /// bf16 copies of f32 buffers in the operand slots (see [`Cuda::operand`]).
     memo: Mutex<OperandMemo>,
+    /// Whether bf16 attention takes the flash kernel (`NANOCHAT_CUDA_FLASH=0` turns it off).
+    flash: AtomicBool,
     stream: CudaStream,
     _module: CudaModule,
     ctx: CudaContext,
@@ -459,6 +461,7 @@ impl Cuda {
             workspace: 0,
             writes: AtomicU64::new(0),
             memo: Mutex::new(OperandMemo::default()),
+            flash: AtomicBool::new(std::env::var("NANOCHAT_CUDA_FLASH").as_deref() != Ok("0")),
             profile: std::env::var_os("NANOCHAT_CUDA_PROFILE")
                 .filter(|v| !v.is_empty() && v != "0")
                 .map(|_| Mutex::new(Profile::default())),
@@ -480,6 +483,13 @@ impl Cuda {
         Ok(Cuda {
             inner: Arc::new(inner),
         })
+    }
+
+    /// Turns the flash-attention kernels (forward and backward) on or off for bf16 attention (on unless
+    /// `NANOCHAT_CUDA_FLASH=0`); off, attention goes through score matrices and cuBLAS. For
+    /// A/B measurements and tests of one against the other.
+    pub fn set_flash_attention(&self, on: bool) {
+        self.inner.flash.store(on, Ordering::Relaxed);
     }
 
     /// The GPU's index.
@@ -575,6 +585,15 @@ impl Cuda {
     fn rows(&self, name: &str, rows: usize, args: &[Arg]) -> Result<()> {
         let grid = u32_of(rows, name)?;
         self.launch(name, (grid, 1, 1), ROW_THREADS, 0, args)
+    }
+
+    /// A warp-per-row kernel over `rows` rows: `args` then the row count.
+    fn warp_rows(&self, name: &str, rows: usize, args: &[Arg]) -> Result<()> {
+        let n = u32_of(rows, name)?;
+        let grid = u32_of(rows.div_ceil(WARP_ROWS as usize), name)?;
+        let mut all = args.to_vec();
+        all.push(Arg::U(n));
+        self.launch(name, (grid, 1, 1), ROW_THREADS, 0, &all)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -870,6 +889,101 @@ impl Cuda {
                 Arg::U((s.h / heads_dst) as u32),
                 Arg::U(s.d as u32),
             ],
+        )
+    }
+
+    /// Whether bf16 attention of shape `s` takes the flash kernel: a head dim it is generated
+    /// for, a grid it fits, and not turned off with `NANOCHAT_CUDA_FLASH=0` (kept for A/B
+    /// measurements against the score-matrix path).
+    fn flash_attention(&self, s: &AttnShape) -> bool {
+        ptx::FLASH_HEAD_DIMS.contains(&s.d)
+            && s.b * s.h <= 65_535
+            && s.b * s.t * s.h.max(s.hk) * s.d < u32::MAX as usize
+            && self.inner.flash.load(Ordering::Relaxed)
+    }
+
+    /// [`ptx`]'s `k_flash_fwd_d{D}`: causal attention straight from `[B,T,H,D]` q/k/v to y and
+    /// lse, no score matrix, no head-layout copies.
+    #[allow(clippy::too_many_arguments)]
+    fn flash_forward(
+        &self,
+        s: &AttnShape,
+        q: &DView<'_, f32>,
+        k: &DView<'_, f32>,
+        v: &DView<'_, f32>,
+        y: &DViewMut<'_, f32>,
+        lse: &DViewMut<'_, f32>,
+        scale: f32,
+    ) -> Result<()> {
+        let name = format!("k_flash_fwd_d{}", s.d);
+        let blocks = u32_of(s.t.div_ceil(ptx::FLASH_ROWS as usize), &name)?;
+        let heads = u32_of(s.b * s.h, &name)?;
+        self.launch(
+            &name,
+            (blocks, heads, 1),
+            ptx::FLASH_THREADS,
+            0,
+            &[
+                Arg::P(q.ptr),
+                Arg::P(k.ptr),
+                Arg::P(v.ptr),
+                Arg::P(y.ptr),
+                Arg::P(lse.ptr),
+                Arg::U(u32_of(s.t, &name)?),
+                Arg::U(u32_of(s.h, &name)?),
+                Arg::U(u32_of(s.hk, &name)?),
+                Arg::F(scale * std::f32::consts::LOG2_E),
+            ],
+        )
+    }
+
+    /// [`crate::flash`]'s backward kernels: δ = rowsum(dy∘y), then dK/dV per key block and dQ
+    /// per query block, recomputing the probabilities from q, k and lse.
+    fn flash_backward(
+        &self,
+        s: &AttnShape,
+        [q, k, v, y, lse, dy]: [&DView<'_, f32>; 6],
+        [dq, dk, dv]: [&DViewMut<'_, f32>; 3],
+        scale: f32,
+    ) -> Result<()> {
+        let kv = format!("k_flash_bwd_kv_d{}", s.d);
+        let qn = format!("k_flash_bwd_q_d{}", s.d);
+        let mut sc = self.scratch()?;
+        let drow = sc.get(&self.inner, Slot::Drow, 4 * s.b * s.h * s.t)?;
+        self.ew(
+            "k_attn_row_dot",
+            s.b * s.t * s.h,
+            &[dy.ptr, y.ptr, drow],
+            &[Arg::U(s.t as u32), Arg::U(s.h as u32), Arg::U(s.d as u32)],
+        )?;
+        let blocks = u32_of(s.t.div_ceil(ptx::FLASH_ROWS as usize), &kv)?;
+        let dims = [
+            Arg::U(u32_of(s.t, &kv)?),
+            Arg::U(u32_of(s.h, &kv)?),
+            Arg::U(u32_of(s.hk, &kv)?),
+            Arg::F(scale * std::f32::consts::LOG2_E),
+            Arg::F(scale),
+        ];
+        let inputs = [q.ptr, k.ptr, v.ptr, dy.ptr, lse.ptr, drow].map(Arg::P);
+        let mut args = inputs.to_vec();
+        args.extend([Arg::P(dk.ptr), Arg::P(dv.ptr)]);
+        args.extend(dims);
+        self.launch(
+            &kv,
+            (blocks, u32_of(s.b * s.hk, &kv)?, 1),
+            ptx::FLASH_THREADS,
+            0,
+            &args,
+        )?;
+        let mut args = inputs.to_vec();
+        args.push(Arg::P(dq.ptr));
+        args.extend(dims);
+        self.launch(
+            &qn,
+            (blocks, u32_of(s.b * s.h, &qn)?, 1),
+            ptx::FLASH_THREADS,
+            0,
+            &args,
         )
     }
 
@@ -1279,7 +1393,7 @@ impl Backend for Cuda {
         let rows = check_rows("rmsnorm", "x", x.len, dim)?;
         check_len("rmsnorm", "y", y.len, x.len)?;
         check_len("rmsnorm", "rstd", rstd.len, rows)?;
-        self.rows(
+        self.warp_rows(
             "k_rmsnorm",
             rows,
             &[
@@ -1299,7 +1413,7 @@ impl Backend for Cuda {
     ) -> Result<()> {
         let rows = check_rows("rmsnorm_inplace", "x", x.len, dim)?;
         check_len("rmsnorm_inplace", "rstd", rstd.len, rows)?;
-        self.rows(
+        self.warp_rows(
             "k_rmsnorm",
             rows,
             &[
@@ -1324,7 +1438,7 @@ impl Backend for Cuda {
         check_len("rmsnorm_bwd", "y", y.len, dy.len)?;
         check_len("rmsnorm_bwd", "dx", dx.len, dy.len)?;
         check_len("rmsnorm_bwd", "rstd", rstd.len, rows)?;
-        self.rows(
+        self.warp_rows(
             "k_rmsnorm_bwd",
             rows,
             &[
@@ -1348,7 +1462,7 @@ impl Backend for Cuda {
         let rows = check_rows("rmsnorm_bwd_inplace", "g", g.len, dim)?;
         check_len("rmsnorm_bwd_inplace", "y", y.len, g.len)?;
         check_len("rmsnorm_bwd_inplace", "rstd", rstd.len, rows)?;
-        self.rows(
+        self.warp_rows(
             "k_rmsnorm_bwd",
             rows,
             &[
@@ -1414,6 +1528,9 @@ impl Backend for Cuda {
         check_len("attention", "lse", lse.len, s.b * s.h * s.t)?;
         let (bf, esz, dt) = dtype(s.precision);
         let scale = 1.0 / (s.d as f32).sqrt();
+        if bf && self.flash_attention(&s) {
+            return self.flash_forward(&s, &q, &k, &v, &y, &lse, scale);
+        }
         let (t, d, h) = (s.t, s.d, s.h);
         let mut sc = self.scratch()?;
         let chunk = Self::attn_chunk(&s);
@@ -1506,6 +1623,9 @@ impl Backend for Cuda {
         check_len("attention_bwd", "lse", lse.len, s.b * s.h * s.t)?;
         let (bf, esz, dt) = dtype(s.precision);
         let scale = 1.0 / (s.d as f32).sqrt();
+        if bf && self.flash_attention(&s) {
+            return self.flash_backward(&s, [&q, &k, &v, &y, &lse, &dy], [&dq, &dk, &dv], scale);
+        }
         let (t, d, h) = (s.t, s.d, s.h);
         let mut sc = self.scratch()?;
         let chunk = Self::attn_chunk(&s);

@@ -24,14 +24,14 @@ pub const DECODE_THREADS: u32 = 128;
 pub const ELEMENTWISE_THREADS: u32 = 256;
 
 /// `log2(e)` as a PTX float literal.
-const LOG2E: &str = "0f3FB8AA3B";
+pub(crate) const LOG2E: &str = "0f3FB8AA3B";
 /// `ln(2)`.
 const LN2: &str = "0f3F317218";
 /// `f32::EPSILON`, `F.rms_norm`'s default epsilon.
 const RMS_EPS: &str = "0f34000000";
 
 #[derive(Clone, Copy)]
-enum Ty {
+pub(crate) enum Ty {
     Ptr,
     U32,
     F32,
@@ -57,7 +57,7 @@ const COMMON_REGS: &str = "    .reg .pred %p<16>;
     .reg .b32 %tx, %gid;
 ";
 
-fn header(out: &mut String, name: &str, params: &[(&str, Ty)]) {
+pub(crate) fn header(out: &mut String, name: &str, params: &[(&str, Ty)]) {
     let list: Vec<String> = params
         .iter()
         .map(|(p, t)| format!("    .param {} {p}", ty_decl(*t)))
@@ -67,7 +67,7 @@ fn header(out: &mut String, name: &str, params: &[(&str, Ty)]) {
 }
 
 /// Loads every parameter into a register of the same name (pointers as global addresses).
-fn load_params(out: &mut String, params: &[(&str, Ty)]) {
+pub(crate) fn load_params(out: &mut String, params: &[(&str, Ty)]) {
     for (p, t) in params {
         match t {
             Ty::Ptr => {
@@ -413,28 +413,61 @@ GLOOP:\n    add.u32 %r12, %r10, %r11;\n    mad.lo.u32 %r12, %r12, %t, %r6;\n    
     );
 }
 
+/// Rows per block of the warp-per-row kernels (one warp a row, [`ROW_THREADS`] threads).
+pub const WARP_ROWS: u32 = ROW_THREADS / 32;
+
+/// A warp-per-row kernel: row `%row` = `ctaid.x`·[`WARP_ROWS`] + warp, lane `%lane`; a `nrows`
+/// parameter is appended, and warps past the last row return at once. Every branch in the
+/// body must be uniform across the warp (the row's loops are: lanes stride by 32 over one
+/// row), since [`warp_sum`]'s shuffles need all 32 lanes.
+fn warp_row_kernel(out: &mut String, name: &str, params: &[(&str, Ty)], body: &str) {
+    let mut all = params.to_vec();
+    all.push(("nrows", Ty::U32));
+    header(out, name, &all);
+    out.push_str("    .reg .b32 %lane, %row;\n    mov.u32 %tx, %tid.x;\n    and.b32 %lane, %tx, 31;\n    shr.u32 %row, %tx, 5;\n    mov.u32 %r0, %ctaid.x;\n");
+    let _ = writeln!(out, "    mad.lo.u32 %row, %r0, {WARP_ROWS}, %row;");
+    load_params(out, &all);
+    out.push_str("    setp.ge.u32 %p0, %row, %nrows;\n    @%p0 bra DONE;\n");
+    out.push_str(body);
+    out.push_str("DONE:\n    ret;\n}\n\n");
+}
+
+/// Butterfly sum of f32 register `v` over the 32 lanes of a warp: every lane ends with the
+/// total, in a fixed order (deterministic run to run). Uses `%f46`.
+fn warp_sum(v: &str) -> String {
+    let mut s = String::new();
+    for lane in [16, 8, 4, 2, 1] {
+        let _ = writeln!(
+            s,
+            "    shfl.sync.bfly.b32 %f46, {v}, {lane}, 31, -1;\n    add.rn.f32 {v}, {v}, %f46;"
+        );
+    }
+    s
+}
+
 fn row_kernels(m: &mut String) {
-    let t = ROW_THREADS;
-    // y = x·rstd, rstd = 1/√(mean(x²) + ε); y may be x.
-    row_kernel(
+    // y = x·rstd, rstd = 1/√(mean(x²) + ε); y may be x. One warp per row: RMSNorm rows are
+    // short (QK-norm rows are one head, 64–128 floats), so a 256-thread block per row left
+    // most threads idle and paid sixteen barriers a row; a warp reduces with five shuffles.
+    warp_row_kernel(
         m,
         "k_rmsnorm",
         &[("x", Ty::Ptr), ("y", Ty::Ptr), ("rstd", Ty::Ptr), ("dim", Ty::U32)],
         &format!(
-            "    mov.u32 %r1, %ctaid.x;\n    mul.lo.u32 %r2, %r1, %dim;\n    mov.f32 %f1, 0f00000000;\n    mov.u32 %r3, %tx;\n\
-L1:\n    setp.ge.u32 %p1, %r3, %dim;\n    @%p1 bra L1E;\n    add.u32 %r4, %r2, %r3;\n{}    ld.global.f32 %f2, [%rd1];\n    fma.rn.f32 %f1, %f2, %f2, %f1;\n    add.u32 %r3, %r3, {t};\n    bra L1;\nL1E:\n\
+            "    mul.lo.u32 %r2, %row, %dim;\n    mov.f32 %f1, 0f00000000;\n    mov.u32 %r3, %lane;\n\
+L1:\n    setp.ge.u32 %p1, %r3, %dim;\n    @%p1 bra L1E;\n    add.u32 %r4, %r2, %r3;\n{}    ld.global.f32 %f2, [%rd1];\n    fma.rn.f32 %f1, %f2, %f2, %f1;\n    add.u32 %r3, %r3, 32;\n    bra L1;\nL1E:\n\
 {}    cvt.rn.f32.u32 %f3, %dim;\n    div.rn.f32 %f4, %f1, %f3;\n    add.rn.f32 %f4, %f4, {RMS_EPS};\n    sqrt.rn.f32 %f4, %f4;\n    rcp.rn.f32 %f4, %f4;\n\
-    setp.eq.u32 %p2, %tx, 0;\n{}    @%p2 st.global.f32 [%rd2], %f4;\n    mov.u32 %r3, %tx;\n\
-L2:\n    setp.ge.u32 %p1, %r3, %dim;\n    @%p1 bra DONE;\n    add.u32 %r4, %r2, %r3;\n{}{}    ld.global.f32 %f2, [%rd1];\n    mul.rn.f32 %f2, %f2, %f4;\n    st.global.f32 [%rd3], %f2;\n    add.u32 %r3, %r3, {t};\n    bra L2;\n",
+    setp.eq.u32 %p2, %lane, 0;\n{}    @%p2 st.global.f32 [%rd2], %f4;\n    mov.u32 %r3, %lane;\n\
+L2:\n    setp.ge.u32 %p1, %r3, %dim;\n    @%p1 bra DONE;\n    add.u32 %r4, %r2, %r3;\n{}{}    ld.global.f32 %f2, [%rd1];\n    mul.rn.f32 %f2, %f2, %f4;\n    st.global.f32 [%rd3], %f2;\n    add.u32 %r3, %r3, 32;\n    bra L2;\n",
             addr("%rd1", "%x", "%r4"),
-            tree_reduce("%f1", "f32", "add", t),
-            addr("%rd2", "%rstd", "%r1"),
+            warp_sum("%f1"),
+            addr("%rd2", "%rstd", "%row"),
             addr("%rd1", "%x", "%r4"),
             addr("%rd3", "%y", "%r4"),
         ),
     );
-    // dx (+)= rstd·(dy − y·mean(dy∘y)); dx may be dy.
-    row_kernel(
+    // dx (+)= rstd·(dy − y·mean(dy∘y)); dx may be dy. One warp per row, as above.
+    warp_row_kernel(
         m,
         "k_rmsnorm_bwd",
         &[
@@ -446,14 +479,14 @@ L2:\n    setp.ge.u32 %p1, %r3, %dim;\n    @%p1 bra DONE;\n    add.u32 %r4, %r2, 
             ("acc", Ty::U32),
         ],
         &format!(
-            "    setp.ne.u32 %p3, %acc, 0;\n    mov.u32 %r1, %ctaid.x;\n    mul.lo.u32 %r2, %r1, %dim;\n    mov.f32 %f1, 0f00000000;\n    mov.u32 %r3, %tx;\n\
-L1:\n    setp.ge.u32 %p1, %r3, %dim;\n    @%p1 bra L1E;\n    add.u32 %r4, %r2, %r3;\n{}{}    ld.global.f32 %f2, [%rd1];\n    ld.global.f32 %f3, [%rd2];\n    fma.rn.f32 %f1, %f2, %f3, %f1;\n    add.u32 %r3, %r3, {t};\n    bra L1;\nL1E:\n\
-{}    cvt.rn.f32.u32 %f4, %dim;\n    div.rn.f32 %f5, %f1, %f4;\n{}    ld.global.f32 %f6, [%rd3];\n    mov.u32 %r3, %tx;\n\
-L2:\n    setp.ge.u32 %p1, %r3, %dim;\n    @%p1 bra DONE;\n    add.u32 %r4, %r2, %r3;\n{}{}{}    ld.global.f32 %f2, [%rd1];\n    ld.global.f32 %f3, [%rd2];\n    mul.rn.f32 %f7, %f3, %f5;\n    sub.rn.f32 %f7, %f2, %f7;\n    mul.rn.f32 %f7, %f6, %f7;\n    @%p3 ld.global.f32 %f8, [%rd4];\n    @%p3 add.rn.f32 %f7, %f8, %f7;\n    st.global.f32 [%rd4], %f7;\n    add.u32 %r3, %r3, {t};\n    bra L2;\n",
+            "    setp.ne.u32 %p3, %acc, 0;\n    mul.lo.u32 %r2, %row, %dim;\n    mov.f32 %f1, 0f00000000;\n    mov.u32 %r3, %lane;\n\
+L1:\n    setp.ge.u32 %p1, %r3, %dim;\n    @%p1 bra L1E;\n    add.u32 %r4, %r2, %r3;\n{}{}    ld.global.f32 %f2, [%rd1];\n    ld.global.f32 %f3, [%rd2];\n    fma.rn.f32 %f1, %f2, %f3, %f1;\n    add.u32 %r3, %r3, 32;\n    bra L1;\nL1E:\n\
+{}    cvt.rn.f32.u32 %f4, %dim;\n    div.rn.f32 %f5, %f1, %f4;\n{}    ld.global.f32 %f6, [%rd3];\n    mov.u32 %r3, %lane;\n\
+L2:\n    setp.ge.u32 %p1, %r3, %dim;\n    @%p1 bra DONE;\n    add.u32 %r4, %r2, %r3;\n{}{}{}    ld.global.f32 %f2, [%rd1];\n    ld.global.f32 %f3, [%rd2];\n    mul.rn.f32 %f7, %f3, %f5;\n    sub.rn.f32 %f7, %f2, %f7;\n    mul.rn.f32 %f7, %f6, %f7;\n    @%p3 ld.global.f32 %f8, [%rd4];\n    @%p3 add.rn.f32 %f7, %f8, %f7;\n    st.global.f32 [%rd4], %f7;\n    add.u32 %r3, %r3, 32;\n    bra L2;\n",
             addr("%rd1", "%dy", "%r4"),
             addr("%rd2", "%y", "%r4"),
-            tree_reduce("%f1", "f32", "add", t),
-            addr("%rd3", "%rstd", "%r1"),
+            warp_sum("%f1"),
+            addr("%rd3", "%rstd", "%row"),
             addr("%rd1", "%dy", "%r4"),
             addr("%rd2", "%y", "%r4"),
             addr("%rd4", "%dx", "%r4"),
@@ -640,6 +673,11 @@ L:\n    add.u32 %r10, %r8, %r9;\n{}{}    ld.global.f32 %f2, [%rd1];\n    ld.glob
         ),
     );
     decode_kernel(m);
+    for d in FLASH_HEAD_DIMS {
+        flash_forward(m, *d);
+        crate::flash::backward_kv(m, *d);
+        crate::flash::backward_q(m, *d);
+    }
     let _ = t;
 }
 
@@ -695,6 +733,287 @@ LV:\n    setp.gt.u32 %p2, %r14, %r3;\n    @%p2 bra LVE;\n    ld.shared.f32 %f4, 
     m.push_str("DONE:\n    ret;\n}\n\n");
 }
 
+/// Head dims with a flash-attention forward kernel (`k_flash_fwd_d{D}`).
+pub const FLASH_HEAD_DIMS: &[usize] = &[64, 128];
+/// Query rows per flash-attention block (four warps of sixteen rows) and keys per tile.
+pub const FLASH_ROWS: u32 = 64;
+/// Threads per flash-attention block.
+pub const FLASH_THREADS: u32 = 128;
+
+/// `mma.sync` m16n8k16, bf16 inputs, f32 accumulators `acc[0..4]` in place.
+fn mma(acc: &[String; 4], a: &[String; 4], b: [&str; 2]) -> String {
+    format!(
+        "    mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {{{0}, {1}, {2}, {3}}}, {{{4}, {5}, {6}, {7}}}, {{{8}, {9}}}, {{{0}, {1}, {2}, {3}}};\n",
+        acc[0], acc[1], acc[2], acc[3], a[0], a[1], a[2], a[3], b[0], b[1]
+    )
+}
+
+/// Causal attention forward without a score matrix (FlashAttention-2's schedule), bf16
+/// tensor-core products with f32 accumulation and an online softmax, for head dim `d`.
+///
+/// Grid: x = query block (heaviest first, since causal blocks near the end see the most keys),
+/// y = batch·head; 128 threads, each warp owning sixteen query rows of the block's 64. q/k/v
+/// are read in place in the model's `[B,T,H,D]` f32 layout and rounded to bf16 on load (the
+/// operand rounding the GEMM path applies), so no head-layout copies are made. Per key tile of
+/// 64: K goes to shared memory as rows (the `mma` B operand of S = Q·Kᵀ reads a key's
+/// consecutive dims), V transposed (P·V's B operand reads a dim's consecutive keys); rows are
+/// padded by four words so the eight rows a warp reads at once fall in distinct banks. The
+/// fragment layout of the S accumulators is the A layout of the next product, so P never
+/// leaves registers. y = O/l, lse = m + ln l (natural log, as the softmax kernel writes it).
+fn flash_forward(m: &mut String, d: usize) {
+    let name = format!("k_flash_fwd_d{d}");
+    let params = [
+        ("q", Ty::Ptr),
+        ("k", Ty::Ptr),
+        ("v", Ty::Ptr),
+        ("y", Ty::Ptr),
+        ("lse", Ty::Ptr),
+        ("t", Ty::U32),
+        ("h", Ty::U32),
+        ("hk", Ty::U32),
+        ("sl2", Ty::F32),
+    ];
+    let ks_n = d / 16; // k-steps of Q·Kᵀ
+    let on = d / 8; // n-tiles of O
+    let kw = d / 2 + 4; // words per padded K row
+    let vw = 32 + 4; // words per padded Vᵀ row (64 keys)
+    header(m, &name, &params);
+    let _ = writeln!(
+        m,
+        "    .shared .align 16 .b32 ksm[{}];\n    .shared .align 16 .b32 vsm[{}];",
+        64 * kw,
+        d * vw
+    );
+    let _ = writeln!(
+        m,
+        "    .reg .b32 %qa<{}>, %pa<4>, %kb<2>;\n    .reg .f32 %sa<32>, %oa<{}>;\n    .reg .f32 %m<2>, %l<2>, %c<2>, %mx<2>, %ft;\n    .reg .b32 %lane, %warp, %g, %tig, %qb, %b, %hh, %kvh, %row0, %row1, %kt, %kread, %vread, %kst, %vst, %kcol, %kbase;\n    .reg .b64 %qp0, %qp1, %kg, %vg, %kinc, %tinc;\n    .reg .pred %pv0, %pv1, %pk;",
+        4 * ks_n,
+        4 * on
+    );
+    m.push_str("    mov.u32 %tx, %tid.x;\n");
+    load_params(m, &params);
+    // Thread coordinates, heads, rows.
+    let _ = writeln!(
+        m,
+        "    and.b32 %lane, %tx, 31;\n    shr.u32 %warp, %tx, 5;\n    shr.u32 %g, %lane, 2;\n    and.b32 %tig, %lane, 3;\n\
+    mov.u32 %r1, %nctaid.x;\n    mov.u32 %r2, %ctaid.x;\n    sub.u32 %qb, %r1, %r2;\n    sub.u32 %qb, %qb, 1;\n\
+    mov.u32 %r3, %ctaid.y;\n    div.u32 %b, %r3, %h;\n    rem.u32 %hh, %r3, %h;\n    div.u32 %r4, %h, %hk;\n    div.u32 %kvh, %hh, %r4;\n\
+    shl.b32 %r5, %qb, 6;\n    mad.lo.u32 %row0, %warp, 16, %r5;\n    add.u32 %row0, %row0, %g;\n    add.u32 %row1, %row0, 8;\n\
+    setp.lt.u32 %pv0, %row0, %t;\n    setp.lt.u32 %pv1, %row1, %t;"
+    );
+    // Row base addresses of q (and, later, y): ((b·T + row)·H + hh)·D floats, plus 2·tig.
+    let row_addr = |dst: &str, base: &str, row: &str| {
+        format!(
+            "    mad.lo.u32 %r6, %b, %t, {row};\n    mad.lo.u32 %r6, %r6, %h, %hh;\n    mul.wide.u32 %rd1, %r6, {};\n    add.u64 {dst}, {base}, %rd1;\n    mul.wide.u32 %rd2, %tig, 8;\n    add.u64 {dst}, {dst}, %rd2;\n",
+            d * 4
+        )
+    };
+    m.push_str(&row_addr("%qp0", "%q", "%row0"));
+    m.push_str(&row_addr("%qp1", "%q", "%row1"));
+    // Q fragments: register 4·ks + j holds rows (g, g+8, g, g+8)[j], dims 16·ks + 8·(j/2) + 2·tig.
+    for ks in 0..ks_n {
+        for j in 0..4 {
+            let (ptr, pred) = if j % 2 == 0 {
+                ("%qp0", "%pv0")
+            } else {
+                ("%qp1", "%pv1")
+            };
+            let off = (ks * 16 + (j / 2) * 8) * 4;
+            let _ = writeln!(
+                m,
+                "    mov.f32 %f1, 0f00000000;\n    mov.f32 %f2, 0f00000000;\n    @{pred} ld.global.v2.f32 {{%f1, %f2}}, [{ptr}+{off}];\n    cvt.rn.bf16x2.f32 %qa{}, %f2, %f1;",
+                4 * ks + j
+            );
+        }
+    }
+    // Running max (log2 units), partial sums, accumulators.
+    m.push_str("    mov.f32 %m0, 0fFF800000;\n    mov.f32 %m1, 0fFF800000;\n    mov.f32 %l0, 0f00000000;\n    mov.f32 %l1, 0f00000000;\n");
+    for i in 0..4 * on {
+        let _ = writeln!(m, "    mov.f32 %oa{i}, 0f00000000;");
+    }
+    // Tile loaders: K rows (one word = two dims per thread per step), V transposed (two keys
+    // × two dims per thread per step). dw/dp = tx mod D/2; first key (pair) = tx / (D/2).
+    let half = d / 2;
+    let kstep = 256 / d; // keys (K) or key pairs (V) between a thread's steps
+    let _ = writeln!(
+        m,
+        "    rem.u32 %r7, %tx, {half};\n    div.u32 %r8, %tx, {half};\n\
+    mad.lo.u32 %r9, %b, %t, %r8;\n    mad.lo.u32 %r9, %r9, %hk, %kvh;\n    mul.lo.u32 %r9, %r9, {d};\n    shl.b32 %r10, %r7, 1;\n    add.u32 %r9, %r9, %r10;\n    mul.wide.u32 %rd3, %r9, 4;\n    add.u64 %kg, %k, %rd3;\n\
+    shl.b32 %r11, %r8, 1;\n    mad.lo.u32 %r12, %b, %t, %r11;\n    mad.lo.u32 %r12, %r12, %hk, %kvh;\n    mul.lo.u32 %r12, %r12, {d};\n    add.u32 %r12, %r12, %r10;\n    mul.wide.u32 %rd4, %r12, 4;\n    add.u64 %vg, %v, %rd4;\n\
+    mul.lo.u32 %r13, %hk, {d};\n    mul.wide.u32 %kinc, %r13, 4;\n    mul.wide.u32 %tinc, %r13, 256;\n\
+    mov.u32 %r14, ksm;\n    mad.lo.u32 %r15, %r8, {kw}, %r7;\n    mad.lo.u32 %kst, %r15, 4, %r14;\n\
+    mov.u32 %r16, vsm;\n    mul.lo.u32 %r17, %r7, {};\n    add.u32 %r17, %r17, %r8;\n    mad.lo.u32 %vst, %r17, 4, %r16;\n\
+    mad.lo.u32 %r18, %g, {kw}, %tig;\n    mad.lo.u32 %kread, %r18, 4, %r14;\n    mad.lo.u32 %r19, %g, {vw}, %tig;\n    mad.lo.u32 %vread, %r19, 4, %r16;\n\
+    mov.u32 %kbase, %r8;\n    mov.u32 %kt, 0;",
+        2 * vw,
+    );
+    // %kinc = bytes between consecutive keys; a thread's K steps are kstep keys apart, its V
+    // steps 2·kstep keys; %tinc = a whole tile (64 keys).
+    m.push_str("TILE:\n    bar.sync 0;\n");
+    // K tile: 64/kstep steps, key = kbase + j·kstep.
+    for j in 0..64 / kstep {
+        let _ = writeln!(
+            m,
+            "    add.u32 %r20, %kbase, {};\n    setp.lt.u32 %pk, %r20, %t;\n    mov.f32 %f1, 0f00000000;\n    mov.f32 %f2, 0f00000000;\n    mul.lo.u64 %rd5, %kinc, {};\n    add.u64 %rd5, %kg, %rd5;\n    @%pk ld.global.v2.f32 {{%f1, %f2}}, [%rd5];\n    cvt.rn.bf16x2.f32 %r21, %f2, %f1;\n    st.shared.b32 [%kst+{}], %r21;",
+            j * kstep,
+            j * kstep,
+            j * kstep * kw * 4
+        );
+    }
+    // V tile: 32/kstep steps over key pairs kp = r8 + j·kstep, keys 64·kt + 2kp and the next
+    // (kbase + r8 = 64·kt + 2·r8).
+    for j in 0..32 / kstep {
+        let _ = writeln!(
+            m,
+            "    add.u32 %r20, %kbase, %r8;\n    add.u32 %r20, %r20, {};\n    setp.lt.u32 %pk, %r20, %t;\n    mov.f32 %f1, 0f00000000;\n    mov.f32 %f2, 0f00000000;\n    mov.f32 %f3, 0f00000000;\n    mov.f32 %f4, 0f00000000;\n    mul.lo.u64 %rd5, %kinc, {};\n    add.u64 %rd5, %vg, %rd5;\n    @%pk ld.global.v2.f32 {{%f1, %f2}}, [%rd5];\n    add.u32 %r20, %r20, 1;\n    setp.lt.u32 %pk, %r20, %t;\n    add.u64 %rd5, %rd5, %kinc;\n    @%pk ld.global.v2.f32 {{%f3, %f4}}, [%rd5];\n    cvt.rn.bf16x2.f32 %r21, %f3, %f1;\n    cvt.rn.bf16x2.f32 %r22, %f4, %f2;\n    st.shared.b32 [%vst+{}], %r21;\n    st.shared.b32 [%vst+{}], %r22;",
+            2 * j * kstep,
+            2 * j * kstep,
+            j * kstep * 4,
+            j * kstep * 4 + vw * 4
+        );
+    }
+    m.push_str("    bar.sync 0;\n");
+    let sa = |nt: usize, e: usize| format!("%sa{}", 4 * nt + e);
+    let oa = |nt: usize, e: usize| format!("%oa{}", 4 * nt + e);
+    let quad = |f: &dyn Fn(usize) -> String| -> [String; 4] { [f(0), f(1), f(2), f(3)] };
+    // S = Q·Kᵀ over the tile's eight 8-key n-tiles.
+    for nt in 0..8 {
+        for e in 0..4 {
+            let _ = writeln!(m, "    mov.f32 {}, 0f00000000;", sa(nt, e));
+        }
+        for ks in 0..ks_n {
+            let off = (nt * 8 * kw + ks * 8) * 4;
+            let _ = writeln!(
+                m,
+                "    ld.shared.b32 %kb0, [%kread+{off}];\n    ld.shared.b32 %kb1, [%kread+{}];",
+                off + 16
+            );
+            m.push_str(&mma(
+                &quad(&|e| sa(nt, e)),
+                &quad(&|j| format!("%qa{}", 4 * ks + j)),
+                ["%kb0", "%kb1"],
+            ));
+        }
+    }
+    // Scale into log2 units; on the diagonal tile mask keys past the row.
+    for nt in 0..8 {
+        for e in 0..4 {
+            let _ = writeln!(m, "    mul.f32 {0}, {0}, %sl2;", sa(nt, e));
+        }
+    }
+    m.push_str("    setp.ne.u32 %pk, %kt, %qb;\n    @%pk bra NOMASK;\n    shl.b32 %kcol, %kt, 6;\n    shl.b32 %r23, %tig, 1;\n    add.u32 %kcol, %kcol, %r23;\n");
+    for nt in 0..8 {
+        for e in 0..4 {
+            let row = if e < 2 { "%row0" } else { "%row1" };
+            let _ = writeln!(
+                m,
+                "    add.u32 %r24, %kcol, {};\n    setp.gt.u32 %pk, %r24, {row};\n    @%pk mov.f32 {}, 0fFF800000;",
+                nt * 8 + (e & 1),
+                sa(nt, e)
+            );
+        }
+    }
+    m.push_str("NOMASK:\n");
+    // Online softmax per row (row g: elements 0,1; row g+8: elements 2,3 of each n-tile).
+    for r in 0..2 {
+        let _ = writeln!(m, "    mov.f32 %mx{r}, {};", sa(0, 2 * r));
+        for nt in 0..8 {
+            for e in [2 * r, 2 * r + 1] {
+                let _ = writeln!(m, "    max.f32 %mx{r}, %mx{r}, {};", sa(nt, e));
+            }
+        }
+        for lane in [1, 2] {
+            let _ = writeln!(
+                m,
+                "    shfl.sync.bfly.b32 %ft, %mx{r}, {lane}, 31, -1;\n    max.f32 %mx{r}, %mx{r}, %ft;"
+            );
+        }
+        let _ = writeln!(
+            m,
+            "    max.f32 %mx{r}, %mx{r}, %m{r};\n    sub.f32 %ft, %m{r}, %mx{r};\n    ex2.approx.ftz.f32 %c{r}, %ft;\n    mov.f32 %m{r}, %mx{r};\n    mul.f32 %l{r}, %l{r}, %c{r};"
+        );
+        for nt in 0..8 {
+            for e in [2 * r, 2 * r + 1] {
+                let _ = writeln!(
+                    m,
+                    "    sub.f32 {0}, {0}, %m{r};\n    ex2.approx.ftz.f32 {0}, {0};\n    add.f32 %l{r}, %l{r}, {0};",
+                    sa(nt, e)
+                );
+            }
+        }
+        for nt in 0..on {
+            for e in [2 * r, 2 * r + 1] {
+                let _ = writeln!(m, "    mul.f32 {0}, {0}, %c{r};", oa(nt, e));
+            }
+        }
+    }
+    // O += P·V: P's k-step ks is S n-tiles 2ks and 2ks+1, rounded to bf16 pairs.
+    for ks in 0..4 {
+        let _ = writeln!(
+            m,
+            "    cvt.rn.bf16x2.f32 %pa0, {}, {};\n    cvt.rn.bf16x2.f32 %pa1, {}, {};\n    cvt.rn.bf16x2.f32 %pa2, {}, {};\n    cvt.rn.bf16x2.f32 %pa3, {}, {};",
+            sa(2 * ks, 1),
+            sa(2 * ks, 0),
+            sa(2 * ks, 3),
+            sa(2 * ks, 2),
+            sa(2 * ks + 1, 1),
+            sa(2 * ks + 1, 0),
+            sa(2 * ks + 1, 3),
+            sa(2 * ks + 1, 2)
+        );
+        for nt in 0..on {
+            let off = (nt * 8 * vw + ks * 8) * 4;
+            let _ = writeln!(
+                m,
+                "    ld.shared.b32 %kb0, [%vread+{off}];\n    ld.shared.b32 %kb1, [%vread+{}];",
+                off + 16
+            );
+            m.push_str(&mma(
+                &quad(&|e| oa(nt, e)),
+                &quad(&|j| format!("%pa{j}")),
+                ["%kb0", "%kb1"],
+            ));
+        }
+    }
+    // Next tile, through the diagonal one.
+    m.push_str("    add.u64 %kg, %kg, %tinc;\n    add.u64 %vg, %vg, %tinc;\n    add.u32 %kbase, %kbase, 64;\n    add.u32 %kt, %kt, 1;\n    setp.le.u32 %pk, %kt, %qb;\n    @%pk bra TILE;\n");
+    // Finish: sum l over the row's four lanes, y = O/l, lse.
+    for r in 0..2 {
+        for lane in [1, 2] {
+            let _ = writeln!(
+                m,
+                "    shfl.sync.bfly.b32 %ft, %l{r}, {lane}, 31, -1;\n    add.f32 %l{r}, %l{r}, %ft;"
+            );
+        }
+        let _ = writeln!(m, "    rcp.rn.f32 %c{r}, %l{r};");
+    }
+    m.push_str(&row_addr("%qp0", "%y", "%row0"));
+    m.push_str(&row_addr("%qp1", "%y", "%row1"));
+    for nt in 0..on {
+        for r in 0..2 {
+            let _ = writeln!(
+                m,
+                "    mul.f32 %f1, {}, %c{r};\n    mul.f32 %f2, {}, %c{r};\n    @%pv{r} st.global.v2.f32 [%qp{r}+{}], {{%f1, %f2}};",
+                oa(nt, 2 * r),
+                oa(nt, 2 * r + 1),
+                nt * 32
+            );
+        }
+    }
+    let _ = writeln!(
+        m,
+        "    setp.ne.u32 %pk, %tig, 0;\n    @%pk bra DONE;\n    mov.u32 %r25, %ctaid.y;\n    mul.lo.u32 %r25, %r25, %t;"
+    );
+    for r in 0..2 {
+        let _ = writeln!(
+            m,
+            "    lg2.approx.ftz.f32 %f1, %l{r};\n    add.f32 %f1, %f1, %m{r};\n    mul.f32 %f1, %f1, {LN2};\n    add.u32 %r26, %r25, %row{r};\n{}    @%pv{r} st.global.f32 [%rd6], %f1;",
+            addr("%rd6", "%lse", "%r26")
+        );
+    }
+    m.push_str("DONE:\n    ret;\n}\n\n");
+}
+
 /// Every kernel the module defines, for lookup at load time.
 pub const KERNELS: &[&str] = &[
     "k_fill",
@@ -727,6 +1046,12 @@ pub const KERNELS: &[&str] = &[
     "k_attn_softmax_bwd",
     "k_attn_row_dot",
     "k_attn_decode",
+    "k_flash_fwd_d64",
+    "k_flash_bwd_kv_d64",
+    "k_flash_bwd_q_d64",
+    "k_flash_fwd_d128",
+    "k_flash_bwd_kv_d128",
+    "k_flash_bwd_q_d128",
 ];
 
 #[cfg(test)]
@@ -769,6 +1094,10 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let src = dir.join("module.ptx");
         std::fs::write(&src, module_source()).unwrap();
+        if let Ok(copy) = std::env::var("NANOCHAT_PTX_DUMP") {
+            // For reading the generated text (and `ptxas -v` register counts) by hand.
+            std::fs::copy(&src, copy).unwrap();
+        }
         let out = std::process::Command::new(&ptxas)
             .args(["-arch=sm_90", "-o"])
             .arg(dir.join("module.cubin"))
