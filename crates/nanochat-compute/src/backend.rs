@@ -404,6 +404,20 @@ pub trait Backend: Clone + Send + Sync + Sized + 'static {
         b: Self::View<'_>,
         c: Self::ViewMut<'_>,
     ) -> Result<()>;
+    /// [`Backend::gemm`] of a product the caller knows to be symmetric (`g.m == g.n`): `X·Xᵀ`,
+    /// or `S·T` of two commuting symmetric matrices (`A·A`), as Newton–Schulz multiplies. A
+    /// backend may compute one triangle and mirror it (the CPU's bf16 path does: about half
+    /// the FLOPs), so where the product is symmetric only up to rounding the result is the
+    /// mirror of one triangle. By default the full [`Backend::gemm`].
+    fn gemm_symmetric(
+        &self,
+        g: Gemm,
+        a: Self::View<'_>,
+        b: Self::View<'_>,
+        c: Self::ViewMut<'_>,
+    ) -> Result<()> {
+        self.gemm(g, a, b, c)
+    }
     /// Brings the derived forms of every weight in `layout` up to date with the flat `params`,
     /// for matmuls at `precision`, reusing `cache`'s allocations where it can (it is `None`
     /// the first time).

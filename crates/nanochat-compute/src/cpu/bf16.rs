@@ -82,6 +82,60 @@ pub fn round_bf16(x: f32) -> f32 {
     f32::from_bits(u32::from(bf16_bits(x)) << 16)
 }
 
+/// Element-wise `x ← rnd(f(x, y))` maps of Muon's bf16 Newton–Schulz, vectorised with
+/// `VCVTNEPS2BF16` where the CPU has AVX-512 BF16 (the same rounding as [`bf16_bits`], which
+/// emulates that instruction, and the same IEEE products and sums: bit-identical results).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RoundMap {
+    /// `x ← rnd(x)`.
+    Round,
+    /// `x ← rnd(s·y)`.
+    Scale(f32),
+    /// `x ← rnd(x / d)`.
+    Div(f32),
+    /// `x ← rnd(rnd(beta·y) + rnd(alpha·x))`.
+    Axpby {
+        /// Scale of `x`.
+        alpha: f32,
+        /// Scale of `y`.
+        beta: f32,
+    },
+}
+
+impl RoundMap {
+    #[inline(always)]
+    fn scalar(self, x: f32, y: f32) -> f32 {
+        match self {
+            RoundMap::Round => round_bf16(x),
+            RoundMap::Scale(s) => round_bf16(s * y),
+            RoundMap::Div(d) => round_bf16(x / d),
+            RoundMap::Axpby { alpha, beta } => {
+                round_bf16(round_bf16(beta * y) + round_bf16(alpha * x))
+            }
+        }
+    }
+
+    /// Applies the map to one chunk; `y` (same length as `x`) is read by `Scale` and `Axpby`
+    /// only (pass `x`'s length of anything, or an empty slice for the others).
+    pub fn apply(self, x: &mut [f32], y: &[f32]) {
+        let needs_y = matches!(self, RoundMap::Scale(_) | RoundMap::Axpby { .. });
+        assert!(!needs_y || y.len() == x.len(), "RoundMap::apply: lengths");
+        #[cfg(target_arch = "x86_64")]
+        if has_avx512_bf16() {
+            // SAFETY: AVX-512 F/BW/BF16 present; lengths checked.
+            unsafe { avx512::round_map(self, x, if needs_y { y } else { &[] }) };
+            return;
+        }
+        if needs_y {
+            x.iter_mut()
+                .zip(y)
+                .for_each(|(v, &w)| *v = self.scalar(*v, w));
+        } else {
+            x.iter_mut().for_each(|v| *v = self.scalar(*v, 0.0));
+        }
+    }
+}
+
 /// Whether the AVX-512 BF16 kernel runs on this CPU. Detected once; setting
 /// `NANOCHAT_PORTABLE_BF16=1` forces the portable path (for testing and benchmarking it).
 pub fn has_avx512_bf16() -> bool {
@@ -189,6 +243,97 @@ pub fn gemm_bf16_with(
         c.fill(0.0);
     }
     gemm_bf16_portable(op_a, op_b, m, n, k, a, b, c)
+}
+
+/// `c = op(a)·op(b)` (`n × n`, or `c +=` with `opts.accumulate`) for a product the caller
+/// knows to be symmetric: `X·Xᵀ`, or `S·T` of two symmetric matrices that commute (`A·A`).
+/// Only the tiles that touch the upper triangle (`j ≥ i`) are multiplied, about half the
+/// FLOPs of [`gemm_bf16_with`] for a large `n`; the strictly lower triangle is then copied from
+/// the upper one. Where the product is exactly symmetric in f32 (`X·Xᵀ`: every `c[i,j]` and
+/// `c[j,i]` sums the same products in the same order) the result is bit-identical to the full
+/// GEMM's; otherwise (`rnd(s·A)·A`) the lower triangle is the upper one's mirror rather than its
+/// own rounding.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_bf16_symmetric(
+    op_a: Op,
+    op_b: Op,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    b: &[f32],
+    c: &mut [f32],
+    opts: GemmOpts,
+) -> Result<()> {
+    check_lengths((n, n, k), a, b, c)?;
+    if n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        if !opts.accumulate {
+            c.fill(0.0);
+        }
+        return Ok(());
+    }
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512_bf16() {
+        // SAFETY: the CPU supports AVX-512 F/BW/BF16 (checked above); lengths checked.
+        unsafe {
+            avx512::gemm_upper(op_a, n, k, a, avx512::BOperand::Raw(op_b, b), c, opts)?;
+        }
+        mirror_upper(n, c, opts.parallel);
+        return Ok(());
+    }
+    if !opts.accumulate {
+        c.fill(0.0);
+    }
+    gemm_bf16_portable(op_a, op_b, n, n, k, a, b, c)?;
+    mirror_upper(n, c, opts.parallel);
+    Ok(())
+}
+
+/// `c[i, j] = c[j, i]` for every `j < i` of the row-major `n × n` matrix `c` (the strictly
+/// lower triangle becomes the mirror of the upper one), in 64 × 64 blocks so that both the rows
+/// written and the columns read stay in cache.
+pub fn mirror_upper(n: usize, c: &mut [f32], parallel: bool) {
+    assert_eq!(
+        c.len(),
+        n * n,
+        "mirror_upper: {} elements for {n}x{n}",
+        c.len()
+    );
+    const BS: usize = 64;
+    let out = SharedMut(c.as_mut_ptr());
+    let rows = |bi: usize| {
+        let (i0, i1) = (bi * BS, ((bi + 1) * BS).min(n));
+        for j0 in (0..i1).step_by(BS) {
+            for i in i0..i1 {
+                let p = out.get();
+                for j in j0..(j0 + BS).min(i) {
+                    // SAFETY: i, j < n; this task writes only (i, j) with j < i in its own rows
+                    // and reads only (j, i) with j < i, the upper triangle, which no task writes.
+                    unsafe { *p.add(i * n + j) = *p.add(j * n + i) };
+                }
+            }
+        }
+    };
+    let blocks = n.div_ceil(BS);
+    if parallel && n >= 256 && rayon::current_num_threads() > 1 {
+        (0..blocks).into_par_iter().for_each(rows);
+    } else {
+        (0..blocks).for_each(rows);
+    }
+}
+
+/// The output of [`mirror_upper`] shared between its tasks (disjoint writes, see there).
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+// SAFETY: tasks write disjoint elements and read only elements nobody writes.
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+impl SharedMut {
+    fn get(&self) -> *mut f32 {
+        self.0
+    }
 }
 
 /// The portable path of [`gemm_bf16`]: round both operands to bf16 (bit-identical to the
@@ -703,6 +848,41 @@ mod avx512 {
         tile!(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13);
     }
 
+    /// `v` rounded to bf16 and widened back, 16 lanes (`VCVTNEPS2BF16`).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn rnd16(v: __m512) -> __m512 {
+        let h: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
+        _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
+    }
+
+    /// See [`super::RoundMap::apply`]; `y` is empty for the maps that do not read it.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn round_map(f: super::RoundMap, x: &mut [f32], y: &[f32]) {
+        use super::RoundMap;
+        let n = x.len();
+        let (px, py) = (x.as_mut_ptr(), y.as_ptr());
+        for i in (0..n).step_by(16) {
+            let m = lane_mask(n - i);
+            let xv = _mm512_maskz_loadu_ps(m, px.add(i));
+            let r = match f {
+                RoundMap::Round => rnd16(xv),
+                RoundMap::Scale(s) => rnd16(_mm512_mul_ps(
+                    _mm512_set1_ps(s),
+                    _mm512_maskz_loadu_ps(m, py.add(i)),
+                )),
+                RoundMap::Div(d) => rnd16(_mm512_div_ps(xv, _mm512_set1_ps(d))),
+                RoundMap::Axpby { alpha, beta } => {
+                    let yv = _mm512_maskz_loadu_ps(m, py.add(i));
+                    let by = rnd16(_mm512_mul_ps(_mm512_set1_ps(beta), yv));
+                    let ax = rnd16(_mm512_mul_ps(_mm512_set1_ps(alpha), xv));
+                    rnd16(_mm512_add_ps(by, ax))
+                }
+            };
+            _mm512_mask_storeu_ps(px.add(i), m, r);
+        }
+    }
+
     /// `B` as given (packed inside the call) or already packed by [`pack_b`].
     pub(super) enum BOperand<'a> {
         Raw(Op, &'a [f32]),
@@ -729,6 +909,36 @@ mod avx512 {
         b: BOperand<'_>,
         c: &mut [f32],
         opts: super::GemmOpts,
+    ) -> crate::error::Result<()> {
+        gemm_impl(op_a, m, n, k, a, b, c, opts, false)
+    }
+
+    /// See [`super::gemm_bf16_symmetric`]: the `n × n` product, only the micro-tiles that
+    /// reach the upper triangle (the caller mirrors it).
+    pub(super) unsafe fn gemm_upper(
+        op_a: Op,
+        n: usize,
+        k: usize,
+        a: &[f32],
+        b: BOperand<'_>,
+        c: &mut [f32],
+        opts: super::GemmOpts,
+    ) -> crate::error::Result<()> {
+        gemm_impl(op_a, n, n, k, a, b, c, opts, true)
+    }
+
+    /// The GEMM of [`gemm_with`]; with `upper`, tiles strictly below the diagonal are skipped.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn gemm_impl(
+        op_a: Op,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &[f32],
+        b: BOperand<'_>,
+        c: &mut [f32],
+        opts: super::GemmOpts,
+        upper: bool,
     ) -> crate::error::Result<()> {
         let kp = k.div_ceil(2);
         let (pa, pb) = (m.div_ceil(MR), n.div_ceil(NR));
@@ -787,7 +997,13 @@ mod avx512 {
                 for ip in p_lo..p_hi {
                     let i0 = ip * MR;
                     let aptr = ad.as_ptr().add((ip * kp + k0) * MR);
-                    for jp in q_lo..q_hi {
+                    // Upper only: the first panel whose last column reaches row i0.
+                    let q_first = if upper {
+                        q_lo.max((i0 + 1).saturating_sub(NR).div_ceil(NR))
+                    } else {
+                        q_lo
+                    };
+                    for jp in q_first..q_hi {
                         let j0 = jp * NR;
                         let bptr = bd.as_ptr().add((jp * kp + k0) * NR);
                         // SAFETY: tile (i0.., j0..) lies inside this task's block of C, which no
@@ -1017,6 +1233,184 @@ mod tests {
         };
         gemm_bf16_with(Op::N, Op::N, 2, 3, 0, &[], &[], &mut c, opts).unwrap();
         assert_eq!(c, vec![0.0; 6]);
+    }
+
+    /// A random-ish `n × n` symmetric matrix.
+    fn symmetric(n: usize, seed: u32) -> Vec<f32> {
+        let x = data(n * n, seed);
+        let mut s = vec![0f32; n * n];
+        for i in 0..n {
+            for j in 0..n {
+                s[i * n + j] = x[i.min(j) * n + i.max(j)];
+            }
+        }
+        s
+    }
+
+    #[test]
+    fn symmetric_gemm_of_x_xt_is_bit_identical_to_the_full_gemm() {
+        // Shapes around the tile sizes (MR 14, NR 32, MC 56, NCB 256), several k blocks.
+        for &(n, k) in &[
+            (1, 1),
+            (2, 3),
+            (13, 5),
+            (14, 32),
+            (15, 33),
+            (31, 7),
+            (33, 64),
+            (57, 100),
+            (100, 513),
+            (257, 40),
+            (300, 1030),
+        ] {
+            let x = data(n * k, 12);
+            let mut full = vec![0f32; n * n];
+            gemm_bf16(Op::N, Op::T, n, n, k, &x, &x, &mut full).unwrap();
+            for parallel in [true, false] {
+                let opts = GemmOpts {
+                    accumulate: false,
+                    parallel,
+                };
+                let mut sym = vec![f32::NAN; n * n];
+                gemm_bf16_symmetric(Op::N, Op::T, n, k, &x, &x, &mut sym, opts).unwrap();
+                assert_eq!(full, sym, "X·Xᵀ {n}x{k} parallel {parallel}");
+                // Xᵀ·X of the stored [k, n] matrix.
+                let mut full_t = vec![0f32; n * n];
+                gemm_bf16(Op::T, Op::N, n, n, k, &x, &x, &mut full_t).unwrap();
+                let mut sym_t = vec![f32::NAN; n * n];
+                gemm_bf16_symmetric(Op::T, Op::N, n, k, &x, &x, &mut sym_t, opts).unwrap();
+                assert_eq!(full_t, sym_t, "Xᵀ·X {n}x{k} parallel {parallel}");
+            }
+            // Accumulating adds the (mirrored) product to a symmetric C.
+            let c0 = symmetric(n, 13);
+            let mut acc_full = c0.clone();
+            gemm_bf16(Op::N, Op::T, n, n, k, &x, &x, &mut acc_full).unwrap();
+            let mut acc_sym = c0;
+            gemm_bf16_symmetric(
+                Op::N,
+                Op::T,
+                n,
+                k,
+                &x,
+                &x,
+                &mut acc_sym,
+                GemmOpts::default(),
+            )
+            .unwrap();
+            assert_eq!(acc_full, acc_sym, "accumulate {n}x{k}");
+        }
+    }
+
+    #[test]
+    fn symmetric_gemm_of_a_scaled_square_mirrors_the_upper_triangle() {
+        for &n in &[1usize, 5, 14, 33, 70, 129, 300] {
+            let a = symmetric(n, 14);
+            // rnd(c·A)·A: symmetric in exact arithmetic, not bit for bit after the rounding.
+            let ca: Vec<f32> = a.iter().map(|&v| round_bf16(2.0315 * v)).collect();
+            let mut full = vec![0f32; n * n];
+            gemm_bf16(Op::N, Op::N, n, n, n, &ca, &a, &mut full).unwrap();
+            let opts = GemmOpts {
+                accumulate: false,
+                parallel: true,
+            };
+            let mut sym = vec![f32::NAN; n * n];
+            gemm_bf16_symmetric(Op::N, Op::N, n, n, &ca, &a, &mut sym, opts).unwrap();
+            let (r, _, scale) = reference(Op::N, Op::N, n, n, n, &ca, &a);
+            for i in 0..n {
+                for j in 0..n {
+                    let (u, l) = (i.min(j), i.max(j));
+                    // Exactly the full GEMM's upper triangle, mirrored.
+                    assert_eq!(sym[i * n + j], full[u * n + l], "{n}: [{i},{j}]");
+                    // And within bf16 rounding of the product's own element: the mirrored one
+                    // sums rnd(c·a[k,j])·a[i,k] where the element's own sums rnd(c·a[i,k])·a[k,j].
+                    let s = scale[i * n + j];
+                    let tol = s * 4.0 * f64::from(f32::EPSILON) * (n as f64).sqrt() + 1e-30;
+                    let tol = if i <= j {
+                        tol
+                    } else {
+                        tol + s * 2.0 * 2f64.powi(-8)
+                    };
+                    assert!(
+                        (f64::from(sym[i * n + j]) - r[i * n + j]).abs() <= tol,
+                        "{n}: [{i},{j}] {} vs {}",
+                        sym[i * n + j],
+                        r[i * n + j]
+                    );
+                }
+            }
+        }
+        // Bad lengths are errors, not panics.
+        let opts = GemmOpts::default();
+        assert!(gemm_bf16_symmetric(
+            Op::N,
+            Op::T,
+            3,
+            2,
+            &[0.0; 5],
+            &[0.0; 6],
+            &mut [0.0; 9],
+            opts
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn vector_round_maps_are_bit_identical_to_scalar() {
+        let mut x = data(1000, 15);
+        let y = data(1000, 16);
+        // Ties, subnormals, infinities, NaN, signed zero; 1000 is not a multiple of 16.
+        for (i, v) in [
+            1.0 + 1.0 / 256.0,
+            1e-40,
+            -1e-40,
+            f32::INFINITY,
+            f32::NAN,
+            -0.0,
+            f32::MAX,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            x[i] = v;
+        }
+        for f in [
+            RoundMap::Round,
+            RoundMap::Scale(2.0315),
+            RoundMap::Div(3.7),
+            RoundMap::Axpby {
+                alpha: 3.4445,
+                beta: -4.775,
+            },
+        ] {
+            let mut fast = x.clone();
+            f.apply(&mut fast, &y);
+            let want: Vec<u32> = x
+                .iter()
+                .zip(&y)
+                .map(|(&a, &b)| f.scalar(a, b).to_bits())
+                .collect();
+            let got: Vec<u32> = fast.iter().map(|v| v.to_bits()).collect();
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                // NaN payloads may differ; every other bit pattern must match.
+                let nan = f32::from_bits(*w).is_nan() && f32::from_bits(*g).is_nan();
+                assert!(nan || g == w, "{f:?} [{i}]: {g:#x} vs {w:#x} (x {})", x[i]);
+            }
+        }
+    }
+
+    #[test]
+    fn mirror_upper_copies_the_upper_triangle_down() {
+        for &n in &[1usize, 2, 63, 64, 65, 300] {
+            let mut c: Vec<f32> = (0..n * n).map(|i| i as f32).collect();
+            let orig = c.clone();
+            mirror_upper(n, &mut c, true);
+            for i in 0..n {
+                for j in 0..n {
+                    let want = orig[i.min(j) * n + i.max(j)];
+                    assert_eq!(c[i * n + j], want, "{n}: [{i},{j}]");
+                }
+            }
+        }
     }
 
     #[test]

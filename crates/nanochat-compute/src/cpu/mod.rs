@@ -15,6 +15,7 @@ pub mod select;
 
 use std::cell::RefCell;
 use std::ops::Range;
+use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
@@ -25,7 +26,7 @@ use crate::backend::{
 use crate::error::{ComputeError, Result};
 use crate::host::{alloc_f32, alloc_i32, available_memory, check_fits};
 use crate::Precision;
-use bf16::{gemm_bf16_prepacked_with, gemm_bf16_with, round_bf16, GemmOpts, Op, PackedB};
+use bf16::{gemm_bf16_prepacked_with, gemm_bf16_with, round_bf16, GemmOpts, Op, PackedB, RoundMap};
 use kernels::{
     matmul_nn, matmul_tn_acc, matmul_wt_few_rows, matmul_wt_few_rows_bf16, transpose, GemvJob,
     GemvWeights,
@@ -56,23 +57,62 @@ impl Cpu {
 }
 
 /// Derived forms of the weights for the CPU kernels (see the module docs).
+///
+/// A bf16 cache (rebuilt every optimizer step in training) builds only what the bf16 GEMMs
+/// read, the packs; the `[in, out]` f32 copies (for an f32 matmul served by a bf16 cache:
+/// sampling during bf16 training) and the bf16 rows (for the few-row decode GEMV) are built on
+/// first use, so a training step no longer transposes and converts every weight twice more.
 #[derive(Debug, Default)]
 pub struct CpuWeights {
-    /// `[in, out]` copy of every matmul weight (empty for the embedding).
-    transposed: Vec<Vec<f32>>,
+    /// `[in, out]` copy of every matmul weight (empty for the embedding): built eagerly by an
+    /// f32 cache, lazily by a bf16 one.
+    transposed: Vec<OnceLock<Vec<f32>>>,
     /// With bf16 matmuls: each matmul weight packed as `[in, out]` (forward) and `[out, in]`
     /// (backward).
     packs: Vec<Option<(PackedB, PackedB)>>,
     /// With bf16 matmuls: each matmul weight as `[out, in]` bf16 bits, what the few-row
     /// (decode) GEMV streams: half the bytes of the f32 weights, and decoding is bound by
-    /// those bytes.
-    rows_bf16: Vec<Vec<u16>>,
+    /// those bytes. Built on first use.
+    rows_bf16: Vec<OnceLock<Vec<u16>>>,
 }
 
 impl CpuWeights {
-    /// The `[in, out]` copy of weight `i` (empty for a non-matmul slot).
-    pub fn transposed(&self, i: usize) -> &[f32] {
-        self.transposed.get(i).map_or(&[], Vec::as_slice)
+    /// The `[in, out]` copy of weight `i` of `params` (empty for a non-matmul slot), built
+    /// now if this cache has not built it yet.
+    pub fn transposed(&self, i: usize, params: &[f32], slot: WeightSlot) -> Result<&[f32]> {
+        let Some(lock) = self.transposed.get(i) else {
+            return Ok(&[]);
+        };
+        if let Some(t) = lock.get() {
+            return Ok(t);
+        }
+        if !slot.matmul {
+            return Ok(lock.get_or_init(Vec::new));
+        }
+        let mut t = alloc_f32(slot.len(), "transposed weight copy")?;
+        transpose(slot.out, slot.inp, &params[slot.range()], &mut t);
+        // A concurrent caller may have built the same copy first: either one is right.
+        Ok(lock.get_or_init(|| t))
+    }
+
+    /// Weight `i` of `params` as `[out, in]` bf16 rows, for a bf16 cache (built on first use);
+    /// `None` for an f32 cache or a non-matmul slot.
+    fn rows_bf16(&self, i: usize, params: &[f32], slot: WeightSlot) -> Option<&[u16]> {
+        let lock = self.rows_bf16.get(i)?;
+        if !slot.matmul || !matches!(self.packs.get(i), Some(Some(_))) {
+            return None;
+        }
+        Some(lock.get_or_init(|| {
+            let mut v = vec![0u16; slot.len()];
+            v.par_chunks_mut(PAR_CHUNK)
+                .zip(params[slot.range()].par_chunks(PAR_CHUNK))
+                .for_each(|(d, src)| {
+                    d.iter_mut()
+                        .zip(src)
+                        .for_each(|(d, &x)| *d = bf16::bf16_bits(x))
+                });
+            v
+        }))
     }
 }
 
@@ -117,6 +157,21 @@ fn par_zip(x: &mut [f32], y: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) {
     x.par_chunks_mut(PAR_CHUNK)
         .zip(y.par_chunks(PAR_CHUNK))
         .for_each(|(xc, yc)| xc.iter_mut().zip(yc).for_each(|(v, &w)| *v = f(*v, w)));
+}
+
+/// [`RoundMap::apply`] over `x` (and `y`, empty for the maps that do not read it) in parallel
+/// chunks.
+fn par_round_map(x: &mut [f32], y: &[f32], f: RoundMap) {
+    if x.len() <= PAR_CHUNK {
+        return f.apply(x, y);
+    }
+    if y.is_empty() {
+        x.par_chunks_mut(PAR_CHUNK).for_each(|c| f.apply(c, &[]));
+    } else {
+        x.par_chunks_mut(PAR_CHUNK)
+            .zip(y.par_chunks(PAR_CHUNK))
+            .for_each(|(c, d)| f.apply(c, d));
+    }
 }
 
 /// `Σ f(x)` in f64 over fixed chunks added in order: independent of how rayon splits the work.
@@ -624,6 +679,23 @@ impl Backend for Cpu {
         }
     }
 
+    fn gemm_symmetric(&self, g: Gemm, a: &[f32], b: &[f32], c: &mut [f32]) -> Result<()> {
+        // The bf16 kernel skips the tiles below the diagonal; f32 (trueno, whole matrices only)
+        // and scaled products take the full GEMM.
+        if g.precision != Precision::Bf16 || g.m != g.n || g.alpha != 1.0 || g.beta != 0.0 {
+            return self.gemm(g, a, b, c);
+        }
+        check_len("gemm_symmetric", "a", a.len(), g.m * g.k)?;
+        check_len("gemm_symmetric", "b", b.len(), g.k * g.n)?;
+        check_len("gemm_symmetric", "c", c.len(), g.m * g.n)?;
+        let op = |t: bool| if t { Op::T } else { Op::N };
+        let opts = GemmOpts {
+            accumulate: false,
+            parallel: true,
+        };
+        bf16::gemm_bf16_symmetric(op(g.ta), op(g.tb), g.n, g.k, a, b, c, opts)
+    }
+
     fn update_weight_cache(
         &self,
         params: &[f32],
@@ -632,51 +704,44 @@ impl Backend for Cpu {
         cache: &mut Option<CpuWeights>,
     ) -> Result<()> {
         let w = cache.get_or_insert_with(CpuWeights::default);
-        if w.transposed.len() != layout.len() {
-            w.transposed = layout
-                .iter()
-                .map(|s| {
-                    if s.matmul {
-                        alloc_f32(s.len(), "transposed weight copy")
-                    } else {
-                        Ok(Vec::new())
-                    }
-                })
-                .collect::<Result<_>>()?;
-        }
-        for (s, t) in layout.iter().zip(&mut w.transposed) {
-            if s.matmul {
-                check_len("weight cache", "transposed copy", t.len(), s.len())?;
-                transpose(s.out, s.inp, &params[s.range()], t);
-            }
-        }
-        // Packs are rebuilt from scratch: each holds a fresh conversion of the new weights.
+        w.transposed.resize_with(layout.len(), OnceLock::new);
+        w.rows_bf16.resize_with(layout.len(), OnceLock::new);
+        // Everything derived from the old weights goes; the packs are rebuilt from scratch.
         w.packs.clear();
-        w.rows_bf16.clear();
+        for r in &mut w.rows_bf16 {
+            r.take();
+        }
         if precision == Precision::Bf16 {
+            for t in &mut w.transposed {
+                t.take();
+            }
             check_fits(weight_pack_bytes(layout), "bf16 weight packs")?;
-            for (s, t) in layout.iter().zip(&w.transposed) {
+            for s in layout {
+                let p = &params[s.range()];
+                // Forward `x·Wᵀ`: B = Wᵀ, i.e. W `[out, in]` read transposed (the same panels
+                // as packing an `[in, out]` copy, without making one).
                 w.packs.push(if s.matmul {
                     Some((
-                        PackedB::new(Op::N, s.inp, s.out, t)?,
-                        PackedB::new(Op::N, s.out, s.inp, &params[s.range()])?,
+                        PackedB::new(Op::T, s.inp, s.out, p)?,
+                        PackedB::new(Op::N, s.out, s.inp, p)?,
                     ))
                 } else {
                     None
                 });
-                w.rows_bf16.push(if s.matmul {
-                    let mut v = vec![0u16; s.len()];
-                    v.par_chunks_mut(PAR_CHUNK)
-                        .zip(params[s.range()].par_chunks(PAR_CHUNK))
-                        .for_each(|(d, src)| {
-                            d.iter_mut()
-                                .zip(src)
-                                .for_each(|(d, &x)| *d = bf16::bf16_bits(x))
-                        });
-                    v
-                } else {
-                    Vec::new()
-                });
+            }
+        } else {
+            // f32 matmuls read the copies every call: build them now, reusing the allocations.
+            for (s, t) in layout.iter().zip(&mut w.transposed) {
+                if !s.matmul {
+                    t.get_or_init(Vec::new);
+                    continue;
+                }
+                let mut buf = match t.take() {
+                    Some(v) if v.len() == s.len() => v,
+                    _ => alloc_f32(s.len(), "transposed weight copy")?,
+                };
+                transpose(s.out, s.inp, &params[s.range()], &mut buf);
+                let _ = t.set(buf);
             }
         }
         Ok(())
@@ -735,7 +800,7 @@ impl Backend for Cpu {
                     return Ok(());
                 }
                 Precision::Bf16 => {
-                    if let Some(w16) = w.cache.rows_bf16.get(w.index).filter(|v| !v.is_empty()) {
+                    if let Some(w16) = w.cache.rows_bf16(w.index, w.params, w.slot) {
                         matmul_wt_few_rows_bf16(rows, out, inp, x, w16, y, accumulate);
                         return Ok(());
                     }
@@ -761,7 +826,7 @@ impl Backend for Cpu {
                 out,
                 inp,
                 x,
-                w.cache.transposed(w.index),
+                w.cache.transposed(w.index, w.params, w.slot)?,
                 y,
                 accumulate,
             ),
@@ -782,10 +847,8 @@ impl Backend for Cpu {
                 Precision::F32 => Some(GemvWeights::F32(&w.params[w.slot.range()])),
                 Precision::Bf16 => w
                     .cache
-                    .rows_bf16
-                    .get(w.index)
-                    .filter(|v| !v.is_empty())
-                    .map(|v| GemvWeights::Bf16(v)),
+                    .rows_bf16(w.index, w.params, w.slot)
+                    .map(GemvWeights::Bf16),
             }
         }
         let inp = ws[0].slot.inp;
@@ -1002,14 +1065,21 @@ impl Backend for Cpu {
         let rnd = |v: f32| if round { round_bf16(v) } else { v };
         let norm = sum_f64(x, |v| v * v).sqrt();
         let denom = rnd(rnd(norm as f32) + eps);
-        par_map(x, |v| rnd(v / denom));
+        if round {
+            par_round_map(x, &[], RoundMap::Div(denom));
+        } else {
+            par_map(x, |v| v / denom);
+        }
         Ok(())
     }
 
     fn scale_copy(&self, src: &[f32], dst: &mut [f32], s: f32, round: bool) -> Result<()> {
         check_len("scale_copy", "destination", dst.len(), src.len())?;
-        let rnd = |v: f32| if round { round_bf16(v) } else { v };
-        par_zip(dst, src, |_, x| rnd(s * x));
+        if round {
+            par_round_map(dst, src, RoundMap::Scale(s));
+        } else {
+            par_zip(dst, src, |_, x| s * x);
+        }
         Ok(())
     }
 
@@ -1023,9 +1093,7 @@ impl Backend for Cpu {
     ) -> Result<()> {
         check_len("axpby", "source", src.len(), dst.len())?;
         if round {
-            par_zip(dst, src, |d, x| {
-                round_bf16(round_bf16(beta * x) + round_bf16(alpha * d))
-            });
+            par_round_map(dst, src, RoundMap::Axpby { alpha, beta });
         } else {
             par_zip(dst, src, |d, x| beta * x + alpha * d);
         }
@@ -1033,7 +1101,7 @@ impl Backend for Cpu {
     }
 
     fn round_bf16(&self, x: &mut [f32]) -> Result<()> {
-        par_map(x, round_bf16);
+        par_round_map(x, &[], RoundMap::Round);
         Ok(())
     }
 }
