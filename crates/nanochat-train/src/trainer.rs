@@ -9,8 +9,10 @@
 //! run, because every piece of state that influences the weights is saved exactly.
 //!
 //! Data parallelism goes through the job's [`Collective`]: each rank accumulates its share of
-//! the micro-batches, one all-reduce averages the flat gradient buffer (bit-identical on every
-//! rank), and every rank then clips and steps the same replica. Loss and bits-per-byte are
+//! the micro-batches; then either the optimizer is sharded ([`crate::shard`]: reduce-scatter,
+//! each rank steps what it owns, all-gather; the default with several ranks) or one all-reduce
+//! averages the flat gradient buffer (bit-identical on every rank) and every rank clips and
+//! steps the same replica. Loss and bits-per-byte are
 //! reduced over the ranks; rank 0 alone writes checkpoints (holding every rank's data
 //! position), metrics and the output. A world of one makes no collective call at all, so that
 //! path is exactly the single-process loop.
