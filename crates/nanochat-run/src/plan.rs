@@ -110,6 +110,21 @@ pub enum Decision {
     },
 }
 
+/// Config keys that are not part of the stage key: they change how a stage computes, not
+/// what it computes beyond floating-point reduction order. `[train] shard_optimizer`: a sharded
+/// optimizer step sums the gradients (reduce-scatter instead of all-reduce) and the global norm
+/// (per-shard f64 sums) in another order and otherwise runs the same kernels on the same values;
+/// its checkpoints are the unsharded format.
+const UNKEYED: &[(&str, &str)] = &[("train", "shard_optimizer")];
+
+fn strip_unkeyed(config: &mut serde_json::Value) {
+    for (table, key) in UNKEYED {
+        if let Some(t) = config.get_mut(*table).and_then(|t| t.as_object_mut()) {
+            t.remove(*key);
+        }
+    }
+}
+
 /// Builds the fingerprint of `stage` given its inputs' object ids.
 pub fn fingerprint(
     stage: &Stage,
@@ -118,8 +133,9 @@ pub fn fingerprint(
 ) -> Result<(StageFingerprint, toml::Table)> {
     let (_, identity) = binaries.get(&stage.run)?;
     let config = resolved_config(stage)?;
-    let config_json =
+    let mut config_json =
         serde_json::to_value(&config).context("converting the config to JSON for hashing")?;
+    strip_unkeyed(&mut config_json);
     Ok((
         StageFingerprint {
             stage: stage.name.clone(),
@@ -182,4 +198,19 @@ pub fn decide(
         },
     };
     Ok(run(reasons))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::strip_unkeyed;
+
+    #[test]
+    fn shard_optimizer_is_not_part_of_the_key_and_other_train_keys_are() {
+        let mut a = serde_json::json!({"train": {"matrix_lr": 0.02, "shard_optimizer": false}});
+        strip_unkeyed(&mut a);
+        assert_eq!(a, serde_json::json!({"train": {"matrix_lr": 0.02}}));
+        let mut b = serde_json::json!({"seed": 1});
+        strip_unkeyed(&mut b);
+        assert_eq!(b, serde_json::json!({"seed": 1}));
+    }
 }

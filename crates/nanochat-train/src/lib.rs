@@ -7,6 +7,7 @@ pub mod grad_sync;
 pub mod optim;
 pub mod process;
 pub mod schedule;
+pub mod shard;
 pub mod trainer;
 
 /// Errors of the training library.

@@ -705,6 +705,18 @@ impl<B: Backend> NanochatOptimizer<B> {
         Ok(out)
     }
 
+    /// f32 elements of optimizer state held on the device: both AdamW moments and every Muon
+    /// momentum buffer (the Newton–Schulz scratch, sized by the largest matrix, not counted).
+    pub fn state_elements(&self) -> usize {
+        self.adamw.slots.iter().map(|s| 2 * s.len).sum::<usize>()
+            + self
+                .muon
+                .slots
+                .iter()
+                .map(|s| s.rows * s.cols)
+                .sum::<usize>()
+    }
+
     /// Scalar state (step counts, momentum).
     pub fn meta(&self) -> OptimizerMeta {
         OptimizerMeta {

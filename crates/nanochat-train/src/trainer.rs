@@ -9,8 +9,10 @@
 //! run, because every piece of state that influences the weights is saved exactly.
 //!
 //! Data parallelism goes through the job's [`Collective`]: each rank accumulates its share of
-//! the micro-batches, one all-reduce averages the flat gradient buffer (bit-identical on every
-//! rank), and every rank then clips and steps the same replica. Loss and bits-per-byte are
+//! the micro-batches; then either the optimizer is sharded ([`crate::shard`]: reduce-scatter,
+//! each rank steps what it owns, all-gather; the default with several ranks) or one all-reduce
+//! averages the flat gradient buffer (bit-identical on every rank) and every rank clips and
+//! steps the same replica. Loss and bits-per-byte are
 //! reduced over the ranks; rank 0 alone writes checkpoints (holding every rank's data
 //! position), metrics and the output. A world of one makes no collective call at all, so that
 //! path is exactly the single-process loop.
@@ -33,10 +35,53 @@ use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 
 use crate::grad_sync::all_reduce_gradients;
-use crate::optim::{muon_momentum_at, NanochatOptimizer, OptimizerMeta, OptimizerSettings};
+use crate::optim::{
+    muon_momentum_at, NanochatOptimizer, OptimizerMeta, OptimizerSettings, StateTensor,
+};
 use crate::schedule::LrSchedule;
+use crate::shard::ShardedOptimizer;
 use crate::TrainError;
 use nanochat_artifacts::write_atomic;
+
+/// The run's optimizer: replicated on every rank, or sharded over them.
+enum TrainOptimizer<B: Backend> {
+    Replicated(NanochatOptimizer<B>),
+    Sharded(ShardedOptimizer<B>),
+}
+
+impl<B: Backend> TrainOptimizer<B> {
+    fn set_muon_momentum(&mut self, m: f32) {
+        match self {
+            Self::Replicated(o) => o.set_muon_momentum(m),
+            Self::Sharded(o) => o.set_muon_momentum(m),
+        }
+    }
+
+    fn restore(
+        &mut self,
+        meta: &OptimizerMeta,
+        lookup: impl FnMut(&str) -> Option<Vec<f32>>,
+    ) -> Result<(), TrainError> {
+        match self {
+            Self::Replicated(o) => o.restore(meta, lookup),
+            Self::Sharded(o) => o.restore(meta, lookup),
+        }
+    }
+
+    /// Whole state tensors and scalars for a checkpoint: a collective call when sharded
+    /// (every rank makes it); `Some` where `lead` (rank 0).
+    fn checkpoint_state(
+        &mut self,
+        coll: &mut dyn Collective,
+        lead: bool,
+    ) -> Result<Option<(Vec<StateTensor>, OptimizerMeta)>, TrainError> {
+        match self {
+            Self::Replicated(o) if lead => Ok(Some((o.state_tensors()?, o.meta()))),
+            Self::Replicated(_) => Ok(None),
+            Self::Sharded(o) => o.gather_state(coll),
+        }
+    }
+}
 
 /// Anything that yields training batches.
 pub trait BatchSource: Send {
@@ -176,6 +221,15 @@ pub struct LoopConfig {
     /// Peak FLOP/s of the machine, for MFU (0: MFU not reported).
     #[serde(default)]
     pub peak_flops: f64,
+    /// Shard the optimizer over the data-parallel ranks (nanochat's DistAdamW/DistMuon,
+    /// ZeRO-1: reduce-scatter of the gradients, each rank updating the parameters it owns with
+    /// ≈ 1/world of the optimizer state, all-gather of the parameters; see
+    /// [`crate::shard`]). Absent: on with several ranks, off with one (`true` with one rank
+    /// runs the sharded code path in a world of one). It changes results only by floating-point
+    /// reduction order, so it is not part of the stage key; checkpoints are the same format
+    /// either way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard_optimizer: Option<bool>,
 }
 
 impl LoopConfig {
@@ -268,6 +322,11 @@ impl LoopConfig {
         );
         self.num_iterations = steps;
         Ok(steps)
+    }
+
+    /// Whether a run of `world` ranks shards its optimizer (see [`LoopConfig::shard_optimizer`]).
+    pub fn shards_optimizer(&self, world: usize) -> bool {
+        self.shard_optimizer.unwrap_or(world > 1)
     }
 
     fn optimizer_settings(&self) -> OptimizerSettings {
@@ -464,7 +523,7 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
 fn save_training_checkpoint<B: Backend>(
     work: &Path,
     model: &Gpt<B>,
-    opt: &NanochatOptimizer<B>,
+    (tensors, opt_meta): (Vec<StateTensor>, OptimizerMeta),
     state: &TrainState,
     meta: &CheckpointMeta,
 ) -> Result<PathBuf, TrainError> {
@@ -477,7 +536,6 @@ fn save_training_checkpoint<B: Backend>(
     let mut m = meta.clone();
     m.step = state.step;
     save_checkpoint(model, &tmp.join("model"), &m)?;
-    let tensors = opt.state_tensors()?;
     let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
         .iter()
         .map(|(n, s, d)| (n.clone(), s.clone(), f32_bytes(d)))
@@ -494,7 +552,7 @@ fn save_training_checkpoint<B: Backend>(
         .map_err(|e| TrainError::Config(format!("serializing optimizer state: {e}")))?;
     write_atomic(&tmp.join(OPTIM_FILE), &st)?;
     let mut s = state.clone();
-    s.optimizer = Some(opt.meta());
+    s.optimizer = Some(opt_meta);
     let json = serde_json::to_vec_pretty(&s).map_err(|e| TrainError::Config(e.to_string()))?;
     // Written last: a checkpoint dir without it is incomplete.
     write_atomic(&tmp.join(STATE_FILE), &json)?;
@@ -556,7 +614,7 @@ fn load_training_checkpoint<B: Backend>(backend: B, dir: &Path) -> Result<Loaded
 }
 
 fn restore_optimizer<B: Backend>(
-    opt: &mut NanochatOptimizer<B>,
+    opt: &mut TrainOptimizer<B>,
     meta: &OptimizerMeta,
     bytes: &[u8],
     origin: &Path,
@@ -882,7 +940,28 @@ impl Run<'_> {
             "memory estimate"
         );
         tracing::info!(device = %model.backend().describe(), "training device");
-        let mut opt = NanochatOptimizer::for_model(&model, cfg.optimizer_settings())?;
+        let mut opt = if cfg.shards_optimizer(world) {
+            let o = ShardedOptimizer::for_model(&model, cfg.optimizer_settings(), rank, world)?;
+            let full: usize = model
+                .param_specs()
+                .iter()
+                .map(|s| 3 * s.shape[0] * s.shape[1])
+                .sum();
+            tracing::info!(
+                rank,
+                world,
+                state_mib = (o.state_elements() * 4) >> 20,
+                packed_elements = o.plan().packed_len(),
+                "sharded optimizer (of at most {} MiB unsharded)",
+                (full * 4) >> 20
+            );
+            TrainOptimizer::Sharded(o)
+        } else {
+            TrainOptimizer::Replicated(NanochatOptimizer::for_model(
+                &model,
+                cfg.optimizer_settings(),
+            )?)
+        };
         if let Some((bytes, origin)) = &saved_optim {
             let meta = state
                 .optimizer
@@ -990,7 +1069,7 @@ impl Run<'_> {
                 stop = flag[0] > 0.0;
             }
             if stop {
-                let dir = save_checkpoint_of_ranks(coll, &job, &model, &opt, &state)?;
+                let dir = save_checkpoint_of_ranks(coll, &job, &model, &mut opt, &state)?;
                 if let Some(dir) = dir {
                     tracing::warn!(step = state.step, dir = %dir.display(), "interrupted: checkpoint saved");
                 }
@@ -1047,18 +1126,35 @@ impl Run<'_> {
             }
             // Each rank holds the mean gradient of its micro-batches; their average is the
             // gradient of the whole step's batch (bit-identical on every rank).
-            let t_comm = Instant::now();
-            all_reduce_gradients(&mut model, coll, device.as_deref_mut(), &mut grad_host)?;
-            let allreduce_seconds = (world > 1).then(|| t_comm.elapsed().as_secs_f64());
             let lrm = schedule.multiplier(step);
             opt.set_muon_momentum(muon_momentum_at(step));
-            // Clipping reads the global norm back once; the optimizer step reads nothing.
-            let norm = if cfg.grad_clip > 0.0 {
-                model.clip_grad_norm(f64::from(cfg.grad_clip))?
-            } else {
-                model.grad_norm()?
+            let (norm, allreduce_seconds) = match &mut opt {
+                TrainOptimizer::Replicated(opt) => {
+                    let t_comm = Instant::now();
+                    all_reduce_gradients(&mut model, coll, device.as_deref_mut(), &mut grad_host)?;
+                    let comm = (world > 1).then(|| t_comm.elapsed().as_secs_f64());
+                    // Clipping reads the global norm back once; the optimizer step reads
+                    // nothing.
+                    let norm = if cfg.grad_clip > 0.0 {
+                        model.clip_grad_norm(f64::from(cfg.grad_clip))?
+                    } else {
+                        model.grad_norm()?
+                    };
+                    opt.step_model(&mut model, lrm as f32)?;
+                    (norm, comm)
+                }
+                TrainOptimizer::Sharded(opt) => {
+                    // Reduce-scatter, global norm and clipping, the owned update, all-gather.
+                    let s = opt.step(
+                        &mut model,
+                        coll,
+                        device.as_deref_mut(),
+                        lrm as f32,
+                        cfg.grad_clip,
+                    )?;
+                    (s.norm, (world > 1).then_some(s.comm_seconds))
+                }
             };
-            opt.step_model(&mut model, lrm as f32)?;
             let mut loss = loss_sum / accum as f64;
             if world > 1 {
                 let mut sums = [loss, tokens as f64];
@@ -1108,7 +1204,7 @@ impl Run<'_> {
                 && state.step % cfg.save_every == 0
                 && state.step < cfg.num_iterations
             {
-                save_checkpoint_of_ranks(coll, &job, &model, &opt, &state)?;
+                save_checkpoint_of_ranks(coll, &job, &model, &mut opt, &state)?;
             }
             // Fault injection for the crash-resume tests: die without any cleanup after this
             // step (on every rank, or on `NANOCHAT_TEST_ABORT_RANK` only).
@@ -1311,12 +1407,17 @@ fn save_checkpoint_of_ranks<B: Backend>(
     coll: &mut dyn Collective,
     job: &Run<'_>,
     model: &Gpt<B>,
-    opt: &NanochatOptimizer<B>,
+    opt: &mut TrainOptimizer<B>,
     state: &TrainState,
 ) -> Result<Option<PathBuf>, TrainError> {
     let (rank, world) = (coll.rank(), coll.world_size());
+    // With a sharded optimizer every owner's state goes to rank 0 first (a collective).
+    let opt_state = opt.checkpoint_state(coll, rank == 0)?;
+    let missing = || TrainError::Optimizer("rank 0 has no optimizer state to save".into());
     if world == 1 {
-        return save_training_checkpoint(&job.dirs.work, model, opt, state, &job.meta).map(Some);
+        let opt_state = opt_state.ok_or_else(missing)?;
+        return save_training_checkpoint(&job.dirs.work, model, opt_state, state, &job.meta)
+            .map(Some);
     }
     let mut positions = Vec::with_capacity(world);
     for r in 0..world {
@@ -1338,7 +1439,7 @@ fn save_checkpoint_of_ranks<B: Backend>(
         Some(save_training_checkpoint(
             &job.dirs.work,
             model,
-            opt,
+            opt_state.ok_or_else(missing)?,
             &s,
             &job.meta,
         )?)

@@ -201,3 +201,64 @@ fn the_gradient_all_reduce_runs_on_the_device_and_keeps_a_world_of_ones_bits() {
         "the host-staged path changed the gradients"
     );
 }
+
+/// The weights after one optimizer step from the gradients of one batch: replicated
+/// (`dist` `None`), or sharded over a world of one through `dist`'s collectives.
+fn weights_after_step(
+    g: &Cuda,
+    dist: Option<(&mut dyn Collective, Option<&mut dyn DeviceCollective>)>,
+) -> Vec<f32> {
+    use nanochat_train::optim::{NanochatOptimizer, OptimizerSettings};
+    use nanochat_train::shard::ShardedOptimizer;
+    let (b, t, vocab) = (2, 16, 128);
+    let mut model = Gpt::new(GptConfig::from_depth(2, vocab, t).unwrap(), 5)
+        .unwrap()
+        .to_backend(g.clone())
+        .unwrap();
+    let idx: Vec<u32> = (0..b * t).map(|i| (i * 7 % vocab) as u32).collect();
+    let tg: Vec<i32> = (0..b * t).map(|i| ((i * 7 + 3) % vocab) as i32).collect();
+    model.zero_grad().unwrap();
+    model
+        .forward_backward(&idx, &tg, b, t, Reduction::Mean)
+        .unwrap();
+    let settings = OptimizerSettings::default();
+    match dist {
+        None => {
+            let mut opt = NanochatOptimizer::for_model(&model, settings).unwrap();
+            opt.step_model(&mut model, 1.0).unwrap();
+        }
+        Some((host, dev)) => {
+            let mut opt = ShardedOptimizer::for_model(&model, settings, 0, 1).unwrap();
+            let s = opt.step(&mut model, host, dev, 1.0, 0.0).unwrap();
+            assert!(s.norm > 0.0 && s.norm.is_finite(), "{s:?}");
+        }
+    }
+    (0..model.param_specs().len())
+        .flat_map(|i| model.download_param(i).unwrap())
+        .collect()
+}
+
+#[test]
+fn a_sharded_step_on_an_nccl_world_of_one_matches_the_replicated_step() {
+    let Some((g, mut nccl)) = gpu_and_nccl() else {
+        return;
+    };
+    let plain = weights_after_step(&g, None);
+    let max_diff = |w: &[f32]| {
+        w.iter()
+            .zip(&plain)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max)
+    };
+    // Reduce-scatter and all-gather of the packed buffer on the device (NCCL), then through
+    // the host-staged path. The same kernels on the same gradients (no clipping: the norm is
+    // only summed in another order), so the same weights are expected; the bound allows
+    // for nothing but rounding.
+    let sharded = weights_after_step(&g, Some((&mut LocalCollective, Some(&mut nccl))));
+    let d = max_diff(&sharded);
+    eprintln!("NCCL sharded vs replicated: max |Δw| {d:.2e}");
+    assert!(d < 1e-6, "the sharded step over NCCL differs by {d:.2e}");
+    let staged = weights_after_step(&g, Some((&mut StagedOne(LocalCollective), None)));
+    let d = max_diff(&staged);
+    assert!(d < 1e-6, "the host-staged sharded step differs by {d:.2e}");
+}
