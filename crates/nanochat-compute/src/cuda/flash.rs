@@ -16,14 +16,7 @@
 
 use std::fmt::Write;
 
-use crate::ptx::{header, load_params, Ty, LOG2E};
-
-fn mma(acc: &[String; 4], a: &[String; 4], b: [&str; 2]) -> String {
-    format!(
-        "    mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {{{0}, {1}, {2}, {3}}}, {{{4}, {5}, {6}, {7}}}, {{{8}, {9}}}, {{{0}, {1}, {2}, {3}}};\n",
-        acc[0], acc[1], acc[2], acc[3], a[0], a[1], a[2], a[3], b[0], b[1]
-    )
-}
+use crate::ptx::{header, load_params, mma, Ty, LOG2E};
 
 fn quad(f: impl Fn(usize) -> String) -> [String; 4] {
     [f(0), f(1), f(2), f(3)]

@@ -741,7 +741,7 @@ pub const FLASH_ROWS: u32 = 64;
 pub const FLASH_THREADS: u32 = 128;
 
 /// `mma.sync` m16n8k16, bf16 inputs, f32 accumulators `acc[0..4]` in place.
-fn mma(acc: &[String; 4], a: &[String; 4], b: [&str; 2]) -> String {
+pub(crate) fn mma(acc: &[String; 4], a: &[String; 4], b: [&str; 2]) -> String {
     format!(
         "    mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {{{0}, {1}, {2}, {3}}}, {{{4}, {5}, {6}, {7}}}, {{{8}, {9}}}, {{{0}, {1}, {2}, {3}}};\n",
         acc[0], acc[1], acc[2], acc[3], a[0], a[1], a[2], a[3], b[0], b[1]
